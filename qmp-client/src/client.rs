@@ -1,0 +1,289 @@
+//! The cheap, clonable handle through which commands are sent.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+use tracing::Instrument;
+
+use crate::connection::Request;
+use crate::error::{Endpoint, Error, Result};
+use crate::events::{Events, Notice};
+use crate::message::{Greeting, decode_reply};
+
+/// State shared by every client handle, subscriptions and the connection task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub greeting: Greeting,
+    pub endpoint: Endpoint,
+    pub events: broadcast::Sender<Notice>,
+    /// Set once, when the connection ends: `Some(reason)` (the reason itself
+    /// is `None` for an orderly close).
+    closed: OnceLock<Option<String>>,
+    next_id: AtomicU64,
+    /// Limits how many commands are in flight at once.
+    slots: Arc<Semaphore>,
+    pub max_depth: usize,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        greeting: Greeting,
+        endpoint: Endpoint,
+        events: broadcast::Sender<Notice>,
+        max_in_flight: usize,
+        max_depth: usize,
+    ) -> Shared {
+        Shared {
+            greeting,
+            endpoint,
+            events,
+            closed: OnceLock::new(),
+            next_id: AtomicU64::new(1),
+            slots: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            max_depth,
+        }
+    }
+
+    /// `None` while connected; `Some(reason)` once closed.
+    pub(crate) fn close_reason(&self) -> Option<Option<String>> {
+        self.closed.get().cloned()
+    }
+
+    /// Records the end of the connection once and tells every subscriber.
+    /// Returns the reason that was recorded (the first one wins).
+    pub(crate) fn mark_closed(&self, reason: Option<String>) -> Option<String> {
+        if self.closed.set(reason.clone()).is_ok() {
+            let _ = self
+                .events
+                .send(Notice::Disconnected(reason.as_deref().map(Arc::from)));
+        }
+        self.closed.get().cloned().flatten()
+    }
+}
+
+/// A handle to a QMP connection. Clone it freely: clones share the connection.
+///
+/// Calls may run concurrently from many tasks; up to the configured limit
+/// (8 by default) are in flight at once, the rest wait for a slot. Each call
+/// has a timeout (the [`crate::Config`] default, or [`Client::with_timeout`]);
+/// a call that times out or is dropped frees only its own slot, and a reply
+/// that arrives later is discarded.
+#[derive(Debug, Clone)]
+pub struct Client {
+    requests: mpsc::Sender<Request>,
+    shared: Arc<Shared>,
+    timeout: Option<Duration>,
+}
+
+/// The result of `add-fd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct AddFdInfo {
+    /// The fd set the descriptor was added to.
+    #[serde(rename = "fdset-id")]
+    pub fdset_id: u64,
+    /// The descriptor's number inside QEMU (use as `/dev/fdset/<fdset_id>`).
+    pub fd: i64,
+}
+
+impl Client {
+    pub(crate) fn new(
+        requests: mpsc::Sender<Request>,
+        shared: Arc<Shared>,
+        timeout: Option<Duration>,
+    ) -> Client {
+        Client {
+            requests,
+            shared,
+            timeout,
+        }
+    }
+
+    /// What QEMU said when we connected (version, capabilities).
+    pub fn greeting(&self) -> &Greeting {
+        &self.shared.greeting
+    }
+
+    /// The socket this client talks to.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.shared.endpoint
+    }
+
+    /// True once the connection has ended; every further call fails with
+    /// [`Error::Closed`].
+    pub fn is_closed(&self) -> bool {
+        self.shared.close_reason().is_some() || self.requests.is_closed()
+    }
+
+    /// A handle to the same connection whose calls time out after `timeout`
+    /// (`None`: wait forever).
+    pub fn with_timeout(&self, timeout: Option<Duration>) -> Client {
+        Client {
+            timeout,
+            ..self.clone()
+        }
+    }
+
+    /// The timeout this handle's calls use.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// Subscribes to events. Subscribe *before* sending a command whose event
+    /// you will wait for.
+    pub fn subscribe(&self) -> Events {
+        Events::new(self.shared.clone())
+    }
+
+    /// Runs a typed command from the [`qapi`] crate, e.g. `qapi::qmp::query_status {}`.
+    ///
+    /// A reply that does not fit the typed return value (a field or enum value
+    /// from a newer QEMU) fails this call with [`Error::Decode`], never the
+    /// connection; use [`Client::execute_raw`] to see the reply as JSON.
+    pub async fn execute<C: qapi::Command>(&self, command: C) -> Result<C::Ok> {
+        let args = serde_json::to_value(&command).map_err(|source| Error::Decode {
+            command: C::NAME.to_owned(),
+            source,
+        })?;
+        let value = self.call(C::NAME, args, Vec::new()).await?;
+        decode_reply(C::NAME, value)
+    }
+
+    /// Runs any command by name with JSON arguments (`Value::Null` for none).
+    pub async fn execute_raw(&self, name: &str, arguments: Value) -> Result<Value> {
+        self.call(name, arguments, Vec::new()).await
+    }
+
+    /// Runs a command and sends `fds` with it (SCM_RIGHTS on the same write),
+    /// as `getfd` and `add-fd` require. Unix sockets only.
+    pub async fn execute_with_fds(
+        &self,
+        name: &str,
+        arguments: Value,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Value> {
+        if !matches!(self.shared.endpoint, Endpoint::Unix(_)) && !fds.is_empty() {
+            return Err(Error::FdPassingUnsupported);
+        }
+        self.call(name, arguments, fds).await
+    }
+
+    /// `getfd`: hands QEMU a copy of `fd` under `fdname` (for `-netdev`,
+    /// `chardev-add`, ...). The caller keeps its own descriptor.
+    pub async fn getfd(&self, fdname: &str, fd: BorrowedFd<'_>) -> Result<()> {
+        let copy = fd.try_clone_to_owned().map_err(Error::Io)?;
+        self.execute_with_fds("getfd", json!({ "fdname": fdname }), vec![copy])
+            .await
+            .map(drop)
+    }
+
+    /// `add-fd`: adds a copy of `fd` to an fd set (a new one when `fdset_id` is
+    /// `None`), so block nodes can open `/dev/fdset/N`.
+    pub async fn add_fd(
+        &self,
+        fd: impl AsFd,
+        fdset_id: Option<u64>,
+        opaque: Option<&str>,
+    ) -> Result<AddFdInfo> {
+        let copy = fd.as_fd().try_clone_to_owned().map_err(Error::Io)?;
+        let mut args = serde_json::Map::new();
+        if let Some(id) = fdset_id {
+            args.insert("fdset-id".into(), id.into());
+        }
+        if let Some(opaque) = opaque {
+            args.insert("opaque".into(), opaque.into());
+        }
+        let reply = self
+            .execute_with_fds("add-fd", Value::Object(args), vec![copy])
+            .await?;
+        decode_reply("add-fd", reply)
+    }
+
+    /// Runs an HMP command line through `human-monitor-command` and returns its
+    /// text output (some commands, like `qemu-io`, print to QEMU's stdout instead).
+    pub async fn hmp(&self, command_line: &str) -> Result<String> {
+        let reply = self
+            .execute_raw(
+                "human-monitor-command",
+                json!({ "command-line": command_line }),
+            )
+            .await?;
+        decode_reply("human-monitor-command", reply)
+    }
+
+    async fn call(&self, name: &str, arguments: Value, fds: Vec<OwnedFd>) -> Result<Value> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let sent = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let span = tracing::debug_span!("qmp", command = name, id);
+        let exchange = self.exchange(id, name, arguments, fds, sent.clone());
+        let result = match self.timeout {
+            Some(limit) => match tokio::time::timeout(limit, exchange)
+                .instrument(span.clone())
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(Error::Timeout {
+                    command: name.to_owned(),
+                    after: limit,
+                    sent: sent.load(Ordering::Acquire),
+                }),
+            },
+            None => exchange.instrument(span.clone()).await,
+        };
+        span.in_scope(|| {
+            let latency_us = started.elapsed().as_micros() as u64;
+            match &result {
+                Ok(_) => tracing::debug!(latency_us, "ok"),
+                Err(e) => tracing::debug!(latency_us, error = %e, "failed"),
+            }
+        });
+        result
+    }
+
+    async fn exchange(
+        &self,
+        id: u64,
+        name: &str,
+        arguments: Value,
+        fds: Vec<OwnedFd>,
+        sent: Arc<AtomicBool>,
+    ) -> Result<Value> {
+        let closed = || Error::Closed {
+            reason: self.shared.close_reason().flatten(),
+        };
+        let _slot = self
+            .shared
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| closed())?;
+        let mut message = serde_json::Map::new();
+        message.insert("execute".into(), name.into());
+        if !arguments.is_null() {
+            message.insert("arguments".into(), arguments);
+        }
+        message.insert("id".into(), id.into());
+        let mut line = serde_json::to_vec(&message).map_err(|source| Error::Decode {
+            command: name.to_owned(),
+            source,
+        })?;
+        line.push(b'\n');
+        let (reply, result) = oneshot::channel();
+        let request = Request {
+            id,
+            command: name.to_owned(),
+            line,
+            fds,
+            reply,
+            sent,
+        };
+        self.requests.send(request).await.map_err(|_| closed())?;
+        result.await.map_err(|_| closed())?
+    }
+}

@@ -1,0 +1,259 @@
+//! The task that owns the socket.
+//!
+//! [`Connection`] is a future: it reads lines, routes replies to the callers
+//! waiting on them by `id`, fans events out to subscribers, and writes
+//! commands (with their file descriptors) as clients submit them. It ends when
+//! QEMU closes the socket, when the peer breaks the protocol, or when every
+//! [`crate::Client`] is gone. However it ends, every call in flight fails with
+//! [`Error::Closed`] and every subscriber gets a final disconnect.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use futures_util::StreamExt;
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWriteExt, Interest};
+use tokio::net::{UnixStream, tcp, unix};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+
+use crate::client::Shared;
+use crate::codec::{LineCodec, parse_json};
+use crate::error::{Error, Result};
+use crate::events::Notice;
+use crate::message::Incoming;
+
+/// A command on its way to the socket.
+pub(crate) struct Request {
+    pub id: u64,
+    pub command: String,
+    /// The serialized command, newline included.
+    pub line: Vec<u8>,
+    /// Descriptors sent with SCM_RIGHTS on the same write as `line`.
+    pub fds: Vec<OwnedFd>,
+    pub reply: oneshot::Sender<Result<Value>>,
+    /// Set once the line reached the socket; tells "never sent" from "result unknown".
+    pub sent: Arc<AtomicBool>,
+}
+
+struct Pending {
+    command: String,
+    reply: oneshot::Sender<Result<Value>>,
+}
+
+pub(crate) type Reader = FramedRead<Box<dyn AsyncRead + Send + Unpin>, LineCodec>;
+
+/// The write side of the socket.
+#[derive(Debug)]
+pub(crate) enum Writer {
+    Unix(unix::OwnedWriteHalf),
+    Tcp(tcp::OwnedWriteHalf),
+}
+
+impl Writer {
+    pub(crate) async fn write_line(&mut self, line: &[u8], fds: &[OwnedFd]) -> Result<()> {
+        match self {
+            Writer::Unix(w) if !fds.is_empty() => {
+                let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+                let written = send_with_fds(w.as_ref(), line, &raw).await?;
+                w.write_all(&line[written..]).await?;
+            }
+            Writer::Unix(w) => w.write_all(line).await?,
+            Writer::Tcp(_) if !fds.is_empty() => return Err(Error::FdPassingUnsupported),
+            Writer::Tcp(w) => w.write_all(line).await?,
+        }
+        Ok(())
+    }
+}
+
+/// One `sendmsg` carrying the descriptors with the first bytes of `data`.
+/// Returns how many bytes went out; the caller writes the rest normally.
+async fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> std::io::Result<usize> {
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            let iov = [IoSlice::new(data)];
+            let cmsg = [ControlMessage::ScmRights(fds)];
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The future that drives a QMP connection. Spawn it (`tokio::spawn(connection)`);
+/// nothing is sent or received while it is not polled.
+#[must_use = "the connection does nothing unless it is polled or spawned"]
+pub struct Connection {
+    inner: Pin<Box<dyn Future<Output = Result<()>> + Send>>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").finish_non_exhaustive()
+    }
+}
+
+impl Future for Connection {
+    type Output = Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl Connection {
+    pub(crate) fn new(
+        reader: Reader,
+        writer: Writer,
+        requests: mpsc::Receiver<Request>,
+        shared: Arc<Shared>,
+    ) -> Connection {
+        let driver = Driver {
+            reader,
+            writer,
+            requests,
+            pending: HashMap::new(),
+            shared,
+        };
+        Connection {
+            inner: Box::pin(driver.run()),
+        }
+    }
+}
+
+struct Driver {
+    reader: Reader,
+    writer: Writer,
+    requests: mpsc::Receiver<Request>,
+    pending: HashMap<u64, Pending>,
+    shared: Arc<Shared>,
+}
+
+impl Driver {
+    async fn run(mut self) -> Result<()> {
+        let result = self.serve().await;
+        let reason = match &result {
+            Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        self.shut_down(reason);
+        result
+    }
+
+    async fn serve(&mut self) -> Result<()> {
+        loop {
+            tokio::select! {
+                // Read first: replies free slots and let waiting callers finish.
+                biased;
+                frame = self.reader.next() => match frame {
+                    None => {
+                        tracing::debug!("QEMU closed the QMP connection");
+                        return Ok(());
+                    }
+                    Some(Err(e)) => return Err(e),
+                    Some(Ok(line)) => self.dispatch(&line)?,
+                },
+                request = self.requests.recv() => match request {
+                    Some(request) => self.send(request).await?,
+                    None => {
+                        tracing::debug!("every client dropped; closing the QMP connection");
+                        return Ok(());
+                    }
+                },
+            }
+        }
+    }
+
+    fn dispatch(&mut self, line: &[u8]) -> Result<()> {
+        let value = parse_json(line, self.shared.max_depth)?;
+        match Incoming::classify(value)? {
+            Incoming::Reply { id, result } => {
+                let Some(id) = id.as_ref().and_then(Value::as_u64) else {
+                    tracing::warn!(?id, ?result, "QMP reply without a known id ignored");
+                    return Ok(());
+                };
+                match self.pending.remove(&id) {
+                    Some(Pending { command, reply }) => {
+                        let result = result.map_err(|e| Error::Qmp {
+                            command,
+                            class: e.class,
+                            desc: e.desc,
+                        });
+                        // The caller may have given up (timeout, drop): discard then.
+                        let _ = reply.send(result);
+                    }
+                    None => tracing::debug!(id, "late reply discarded"),
+                }
+            }
+            Incoming::Event(event) => {
+                tracing::trace!(event = %event.name, "QMP event");
+                // No subscriber is not an error.
+                let _ = self.shared.events.send(Notice::Event(Arc::new(event)));
+            }
+            Incoming::Unknown(value) => {
+                tracing::debug!(%value, "QMP message of unknown shape ignored");
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, request: Request) -> Result<()> {
+        if request.reply.is_closed() {
+            // The caller gave up before the command reached the socket: it is
+            // never sent, which is what the caller's "never sent" error said.
+            return Ok(());
+        }
+        // Forget calls whose callers gave up, so the map stays bounded even when
+        // QEMU never answers them; their late replies are discarded.
+        self.pending.retain(|_, p| !p.reply.is_closed());
+        self.writer.write_line(&request.line, &request.fds).await?;
+        request.sent.store(true, Ordering::Release);
+        self.pending.insert(
+            request.id,
+            Pending {
+                command: request.command,
+                reply: request.reply,
+            },
+        );
+        Ok(())
+    }
+
+    fn shut_down(&mut self, reason: Option<String>) {
+        let reason = self.shared.mark_closed(reason);
+        for (_, pending) in self.pending.drain() {
+            let _ = pending.reply.send(Err(Error::Closed {
+                reason: reason.clone(),
+            }));
+        }
+        // Callers still queued get a "closed" error when their sender is dropped.
+        self.requests.close();
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // The future was dropped before finishing (runtime shutdown, abort):
+        // subscribers must still see a disconnect.
+        if self.shared.close_reason().is_none() {
+            self.shut_down(Some("connection task dropped".into()));
+        }
+    }
+}
