@@ -1,1 +1,23 @@
-//! The snapshot engine. See the README.
+//! The snapshot engine behind the `snapctl` command: external disk-snapshot chains of
+//! QEMU VMs, managed over QMP without libvirt.
+//!
+//! The pieces so far:
+//!
+//! - [`record`]: what snapctl knows about one VM — its disks, the layers of each disk's
+//!   image tree, its snapshots and the operations in flight — and the model's invariants.
+//! - [`store`]: where records live: one JSON file per VM, written atomically, one writer
+//!   at a time behind a per-VM lock.
+//! - [`names`]: which snapshot and VM names are accepted, and the QEMU node names and
+//!   overlay file names derived from them.
+//! - [`error`]: the one error type.
+//!
+//! The library never prints; the binary owns stdout and stderr.
+
+pub mod error;
+pub mod names;
+pub mod record;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use record::{RECORD_VERSION, Record};
+pub use store::{Store, VmLock};

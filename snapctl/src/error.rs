@@ -1,0 +1,230 @@
+//! The one error type of the snapshot engine.
+//!
+//! Every message is one line that names the thing at fault (a VM, a record file, a
+//! snapshot) and, where there is one, what to do about it. A variant that wraps an
+//! underlying error keeps it as its `source` and does not repeat it in its own message, so
+//! a caller printing the chain (`anyhow`'s `{:#}`) shows each fact once.
+
+use std::borrow::Cow;
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::record::RecordProblem;
+
+/// A `Result` whose error is [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in the snapshot engine.
+///
+/// New variants will be added (QMP failures, image tool failures); match with a wildcard
+/// arm.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A snapshot name the user gave cannot be used.
+    #[error("invalid snapshot name {}: {reason}", quoted(name))]
+    InvalidSnapshotName {
+        /// The name as given.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+
+    /// A VM name cannot be used; VM names become file names in the state directory.
+    #[error("invalid vm name {}: {reason}", quoted(name))]
+    InvalidVmName {
+        /// The name as given.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+
+    /// The state directory path exists but is something other than a directory.
+    #[error("state directory {} exists and is not a directory", path.display())]
+    StateDirNotDirectory {
+        /// The state directory.
+        path: PathBuf,
+    },
+
+    /// A file operation failed.
+    #[error("cannot {action} {}", path.display())]
+    Io {
+        /// What was being done, as a verb phrase ("read record", "create state directory").
+        action: &'static str,
+        /// The file or directory it was done to.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A record file was written by a newer snapctl whose format this one does not know.
+    #[error(
+        "record {} has version {found}; this snapctl reads up to {supported}: upgrade snapctl",
+        path.display()
+    )]
+    RecordTooNew {
+        /// The record file.
+        path: PathBuf,
+        /// The version written in the file.
+        found: u64,
+        /// The newest version this build reads ([`crate::record::RECORD_VERSION`]).
+        supported: u32,
+    },
+
+    /// A record file cannot be parsed: truncated, hand-edited into bad JSON, wrong types.
+    ///
+    /// snapctl never writes over such a file, so the user's data stays as it is.
+    #[error(
+        "record {} is corrupt ({problem}): fix or move it away; snapctl never overwrites it",
+        path.display()
+    )]
+    RecordCorrupt {
+        /// The record file.
+        path: PathBuf,
+        /// What is wrong, with the position in the file when known
+        /// ("line 3, column 5: expected value").
+        problem: String,
+    },
+
+    /// A record file holds the record of a different VM than its file name says.
+    #[error("record {} is for vm {}, not {}", path.display(), quoted(found), quoted(expected))]
+    RecordVmMismatch {
+        /// The record file.
+        path: PathBuf,
+        /// The VM the file name (or the lock) is for.
+        expected: String,
+        /// The VM named inside the record.
+        found: String,
+    },
+
+    /// A record breaks one of the model's invariants; see [`RecordProblem`].
+    #[error("record {}: {problem}", quoted(vm))]
+    InvalidRecord {
+        /// The VM whose record it is.
+        vm: String,
+        /// The first problem found.
+        problem: RecordProblem,
+    },
+
+    /// A record could not be encoded as JSON.
+    #[error("cannot encode the record of vm {}", quoted(vm))]
+    EncodeRecord {
+        /// The VM whose record it is.
+        vm: String,
+        /// The encoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// Another snapctl holds the VM's lock and did not release it in time.
+    #[error(
+        "vm {} is locked by another snapctl{}; gave up after {}",
+        quoted(vm),
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
+        human_duration(*waited)
+    )]
+    Locked {
+        /// The VM.
+        vm: String,
+        /// The process id the holder wrote into the lock file, when it could be read.
+        holder: Option<u32>,
+        /// How long this process waited.
+        waited: Duration,
+    },
+
+    /// A journal entry to resolve is not in the record.
+    #[error("vm {} has no journal entry {id}", quoted(vm))]
+    UnknownJournalEntry {
+        /// The VM.
+        vm: String,
+        /// The entry's id.
+        id: u64,
+    },
+}
+
+impl Error {
+    /// Whether the error is a lock held by another snapctl (worth retrying later).
+    pub fn is_locked(&self) -> bool {
+        matches!(self, Error::Locked { .. })
+    }
+
+    /// Shorthand for [`Error::Io`].
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Shows a user-supplied name in a message: as is when it is plain, quoted and escaped
+/// when it is empty or holds spaces, quotes or control characters that would make the
+/// message ambiguous or span lines.
+pub(crate) fn quoted(name: &str) -> Cow<'_, str> {
+    let plain = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| !c.is_whitespace() && !c.is_control() && c != '"' && c != '\'');
+    if plain {
+        Cow::Borrowed(name)
+    } else {
+        Cow::Owned(format!("{name:?}"))
+    }
+}
+
+/// Formats a wait for a message: `250ms`, `10s`, `2.5s`.
+fn human_duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_leaves_plain_names_alone() {
+        assert_eq!(quoted("ci1"), "ci1");
+        assert_eq!(quoted("übung-2"), "übung-2");
+        assert_eq!(quoted(""), "\"\"");
+        assert_eq!(quoted("a b"), "\"a b\"");
+        assert_eq!(quoted("a\nb"), "\"a\\nb\"");
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(human_duration(Duration::from_secs(10)), "10s");
+        assert_eq!(human_duration(Duration::from_millis(2500)), "2.5s");
+    }
+
+    #[test]
+    fn lock_message_names_the_holder() {
+        let e = Error::Locked {
+            vm: "ci1".into(),
+            holder: Some(1234),
+            waited: Duration::from_secs(10),
+        };
+        assert_eq!(
+            e.to_string(),
+            "vm ci1 is locked by another snapctl (pid 1234); gave up after 10s"
+        );
+        let e = Error::Locked {
+            vm: "ci1".into(),
+            holder: None,
+            waited: Duration::from_millis(200),
+        };
+        assert_eq!(
+            e.to_string(),
+            "vm ci1 is locked by another snapctl; gave up after 200ms"
+        );
+    }
+}

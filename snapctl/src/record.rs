@@ -1,0 +1,1019 @@
+//! The per-VM record: what snapctl knows about a VM's disks, layers, snapshots and
+//! operations in flight.
+//!
+//! The record is metadata; the truth is QEMU's block graph and the images' headers. It is
+//! stored as one JSON document per VM (see [`crate::store`]). Its shape is versioned by
+//! [`RECORD_VERSION`]: fields may be added within a version (readers ignore fields they do
+//! not know), and anything that would change the meaning of existing fields bumps the
+//! version, which older builds then refuse to read instead of misreading.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result, quoted};
+use crate::names;
+
+/// The record format this build writes, and the newest it reads.
+pub const RECORD_VERSION: u32 = 1;
+
+/// Everything snapctl records about one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The record format version; [`RECORD_VERSION`] for records this build writes.
+    pub version: u32,
+    /// The VM's name; also the record's file name in the state directory.
+    pub vm: String,
+    /// The QMP socket snapctl talks to, remembered from `--socket`.
+    #[serde(default)]
+    pub qmp_socket: Option<PathBuf>,
+    /// The guest agent socket, remembered from `--qga`.
+    #[serde(default)]
+    pub qga_socket: Option<PathBuf>,
+    /// The VM's disks by qdev id (`vda`).
+    #[serde(default)]
+    pub disks: BTreeMap<String, Disk>,
+    /// Every image of every disk's tree, by absolute path.
+    #[serde(default)]
+    pub layers: BTreeMap<PathBuf, Layer>,
+    /// The snapshots, in creation order.
+    #[serde(default)]
+    pub snapshots: Vec<Snapshot>,
+    /// The snapshot the running state descends from; `None` before the first snapshot.
+    #[serde(default)]
+    pub current: Option<String>,
+    /// Operations in flight: written before an operation's first change to QEMU or to
+    /// files, removed when it is done. An entry left over means a run was interrupted and
+    /// the next run must finish or roll back its steps.
+    #[serde(default)]
+    pub journal: Vec<JournalEntry>,
+}
+
+/// One disk of the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// The image QEMU writes: the leaf of the disk's chain.
+    pub active: PathBuf,
+    /// How the guest sees the disk, so that the VM can be restarted on the current chain
+    /// with the same device (`qemu-args`).
+    pub device: DeviceBinding,
+}
+
+/// The `-device` the disk is attached through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceBinding {
+    /// The device driver, e.g. `virtio-blk-pci`.
+    pub driver: String,
+    /// Other `-device` properties worth keeping (`serial`, `bootindex`, …); may be empty.
+    #[serde(default)]
+    pub extra: BTreeMap<String, String>,
+}
+
+/// One image in a disk's tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    /// The image format, e.g. `qcow2` or `raw`.
+    pub format: String,
+    /// The layer below this one (absolute path), `None` for a base image.
+    #[serde(default)]
+    pub backing: Option<PathBuf>,
+    /// The backing file name exactly as the image header spells it, which may be
+    /// relative or a `json:{…}` blob; kept so `check` can report header drift.
+    #[serde(default)]
+    pub backing_string: Option<String>,
+    /// Whether snapctl created this image. Images it found (a base, a shared template)
+    /// are foreign and are never written or removed.
+    pub owned: bool,
+    /// The guest-visible size in bytes, when known.
+    #[serde(default)]
+    pub virtual_size: Option<u64>,
+}
+
+/// One snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The snapshot's name, unique within the record.
+    pub name: String,
+    /// The snapshot the VM state descended from when this one was taken.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// When the snapshot was taken.
+    pub created: Timestamp,
+    /// The user's description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// What the snapshot captured.
+    pub kind: SnapshotKind,
+    /// Per disk (qdev id), the image that holds the disk as of this snapshot.
+    #[serde(default)]
+    pub disks: BTreeMap<String, SnapshotDisk>,
+}
+
+/// What a snapshot captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotKind {
+    /// Disk contents only; reverting boots (resets) the guest.
+    DiskOnly,
+    /// Disk contents plus the VM's memory and device state in a separate file.
+    Memory,
+    /// A snapshot stored inside a qcow2 image (`savevm`).
+    Internal,
+}
+
+/// One disk of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDisk {
+    /// The frozen image: read-only since the snapshot, it holds the disk as of it.
+    pub image: PathBuf,
+}
+
+/// An operation in flight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// Identifies the entry among those in flight.
+    pub id: u64,
+    /// The operation: `create`, `revert`, `delete`, …
+    pub op: String,
+    /// When the operation began.
+    pub started: Timestamp,
+    /// The process that ran it, to tell a crashed run from one still going.
+    pub pid: u32,
+    /// The planned steps (files to create, nodes to add, …), in the operation's own
+    /// terms, so the next run can finish or undo them.
+    #[serde(default)]
+    pub detail: serde_json::Value,
+}
+
+/// A way in which a record breaks the model's invariants; found by [`Record::validate`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordProblem {
+    /// The record's version is not the one this build writes.
+    #[error("version {found} is not {RECORD_VERSION}, the version this snapctl writes")]
+    UnsupportedVersion {
+        /// The version in the record.
+        found: u32,
+    },
+    /// The VM name cannot be used as a file name; see [`names::validate_vm_name`].
+    #[error("vm name is invalid: {reason}")]
+    InvalidVmName {
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+    /// A snapshot name is invalid; see [`names::validate_snapshot_name`].
+    #[error("snapshot name {} is invalid: {reason}", quoted(name))]
+    InvalidSnapshotName {
+        /// The name.
+        name: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+    /// A path is relative; every path in the record is absolute so that it means the same
+    /// whatever the working directory.
+    #[error("path {} ({what}) is not absolute", path.display())]
+    RelativePath {
+        /// What the path is, e.g. `active image of disk vda`.
+        what: String,
+        /// The path.
+        path: PathBuf,
+    },
+    /// A path is not valid UTF-8 and cannot be written to JSON.
+    #[error("path {} ({what}) is not valid UTF-8, which the record cannot store", path.display())]
+    NonUtf8Path {
+        /// What the path is.
+        what: String,
+        /// The path.
+        path: PathBuf,
+    },
+    /// Two snapshots share a name.
+    #[error("snapshot {} appears more than once", quoted(name))]
+    DuplicateSnapshot {
+        /// The name.
+        name: String,
+    },
+    /// A snapshot's parent is not in the record.
+    #[error(
+        "snapshot {} names parent {}, which is not in the record",
+        quoted(snapshot),
+        quoted(parent)
+    )]
+    UnknownParent {
+        /// The snapshot.
+        snapshot: String,
+        /// The missing parent.
+        parent: String,
+    },
+    /// Following parents from a snapshot comes back to it.
+    #[error("snapshot {} is its own ancestor", quoted(snapshot))]
+    ParentCycle {
+        /// A snapshot on the cycle.
+        snapshot: String,
+    },
+    /// The current snapshot is not in the record.
+    #[error("current snapshot {} is not in the record", quoted(name))]
+    UnknownCurrent {
+        /// The name.
+        name: String,
+    },
+    /// A disk's active image is not a known layer.
+    #[error(
+        "active image {} of disk {} is not a known layer",
+        image.display(),
+        quoted(disk)
+    )]
+    UnknownActiveImage {
+        /// The disk.
+        disk: String,
+        /// The image.
+        image: PathBuf,
+    },
+    /// A snapshot's frozen image is not a known layer.
+    #[error(
+        "snapshot {} freezes disk {} as {}, which is not a known layer",
+        quoted(snapshot),
+        quoted(disk),
+        image.display()
+    )]
+    UnknownFrozenImage {
+        /// The snapshot.
+        snapshot: String,
+        /// The disk.
+        disk: String,
+        /// The image.
+        image: PathBuf,
+    },
+    /// A layer's backing image is not a known layer.
+    #[error(
+        "layer {} is backed by {}, which is not a known layer",
+        layer.display(),
+        backing.display()
+    )]
+    UnknownBacking {
+        /// The layer.
+        layer: PathBuf,
+        /// Its backing image.
+        backing: PathBuf,
+    },
+    /// Following backing images from a layer comes back to it.
+    #[error("layer {} is its own backing image (a loop in the chain)", layer.display())]
+    BackingCycle {
+        /// A layer on the cycle.
+        layer: PathBuf,
+    },
+    /// Two journal entries share an id.
+    #[error("journal entry {id} appears more than once")]
+    DuplicateJournalId {
+        /// The id.
+        id: u64,
+    },
+}
+
+impl Record {
+    /// An empty record for `vm`: no disks, layers or snapshots yet.
+    pub fn new(vm: impl Into<String>) -> Self {
+        Record {
+            version: RECORD_VERSION,
+            vm: vm.into(),
+            qmp_socket: None,
+            qga_socket: None,
+            disks: BTreeMap::new(),
+            layers: BTreeMap::new(),
+            snapshots: Vec::new(),
+            current: None,
+            journal: Vec::new(),
+        }
+    }
+
+    /// Reads a record from the bytes of the file at `path` (named in errors).
+    ///
+    /// The `version` field is read first, on its own, so that a record written by a newer
+    /// snapctl is refused with [`Error::RecordTooNew`] even when its shape has changed
+    /// beyond what this build can parse. Fields this build does not know are ignored.
+    /// Bad JSON or wrong types give [`Error::RecordCorrupt`] with the position. The
+    /// result is not validated; see [`Record::validate`].
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Record> {
+        let corrupt = |problem: String| Error::RecordCorrupt {
+            path: path.to_owned(),
+            problem,
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| corrupt(describe_json_error(&e)))?;
+        let Some(object) = value.as_object() else {
+            return Err(corrupt("it is not a JSON object".into()));
+        };
+        match object.get("version").map(serde_json::Value::as_u64) {
+            None => return Err(corrupt("it has no `version` field".into())),
+            Some(None | Some(0)) => {
+                return Err(corrupt("`version` is not a positive integer".into()));
+            }
+            Some(Some(found)) if found > u64::from(RECORD_VERSION) => {
+                return Err(Error::RecordTooNew {
+                    path: path.to_owned(),
+                    found,
+                    supported: RECORD_VERSION,
+                });
+            }
+            Some(Some(_)) => {}
+        }
+        // Parse the bytes again rather than the value, so errors carry line and column.
+        serde_json::from_slice(bytes).map_err(|e| corrupt(describe_json_error(&e)))
+    }
+
+    /// The record as the store writes it: pretty JSON with a trailing newline.
+    pub fn to_json(&self) -> Result<String> {
+        let mut json =
+            serde_json::to_string_pretty(self).map_err(|source| Error::EncodeRecord {
+                vm: self.vm.clone(),
+                source,
+            })?;
+        json.push('\n');
+        Ok(json)
+    }
+
+    /// Checks the model's invariants and names the first one broken.
+    ///
+    /// A valid record has: the current version and a usable VM name; only absolute, UTF-8
+    /// paths; valid, unique snapshot names; every snapshot parent and the current snapshot
+    /// in the record, with no loop among parents; every active and frozen image a known
+    /// layer; every layer's backing a known layer, with no loop among backings; unique
+    /// journal ids. The store refuses to save a record that is not valid, so later code
+    /// can rely on these.
+    pub fn validate(&self) -> Result<()> {
+        self.first_problem()
+            .map_or(Ok(()), |problem| Err(self.invalid(problem)))
+    }
+
+    fn invalid(&self, problem: RecordProblem) -> Error {
+        Error::InvalidRecord {
+            vm: self.vm.clone(),
+            problem,
+        }
+    }
+
+    fn first_problem(&self) -> Option<RecordProblem> {
+        if self.version != RECORD_VERSION {
+            return Some(RecordProblem::UnsupportedVersion {
+                found: self.version,
+            });
+        }
+        if let Some(reason) = names::vm_name_problem(&self.vm) {
+            return Some(RecordProblem::InvalidVmName { reason });
+        }
+        if let Some(problem) = self.path_problem() {
+            return Some(problem);
+        }
+        self.snapshot_problem()
+            .or_else(|| self.layer_problem())
+            .or_else(|| {
+                let mut ids = HashSet::new();
+                self.journal
+                    .iter()
+                    .find(|entry| !ids.insert(entry.id))
+                    .map(|entry| RecordProblem::DuplicateJournalId { id: entry.id })
+            })
+    }
+
+    /// Every path in the record with what it is, in a fixed order.
+    fn paths(&self) -> impl Iterator<Item = (String, &Path)> {
+        let sockets = [
+            ("QMP socket", &self.qmp_socket),
+            ("guest agent socket", &self.qga_socket),
+        ]
+        .into_iter()
+        .filter_map(|(what, path)| path.as_deref().map(|p| (what.to_owned(), p)));
+        let actives = self.disks.iter().map(|(id, disk)| {
+            (
+                format!("active image of disk {}", quoted(id)),
+                disk.active.as_path(),
+            )
+        });
+        let layers = self.layers.iter().flat_map(|(path, layer)| {
+            std::iter::once(("layer".to_owned(), path.as_path())).chain(
+                layer
+                    .backing
+                    .as_deref()
+                    .map(|b| (format!("backing of {}", path.display()), b)),
+            )
+        });
+        let frozen = self.snapshots.iter().flat_map(|s| {
+            s.disks.iter().map(move |(id, disk)| {
+                (
+                    format!(
+                        "frozen image of disk {} in snapshot {}",
+                        quoted(id),
+                        quoted(&s.name)
+                    ),
+                    disk.image.as_path(),
+                )
+            })
+        });
+        sockets.chain(actives).chain(layers).chain(frozen)
+    }
+
+    fn path_problem(&self) -> Option<RecordProblem> {
+        self.paths().find_map(|(what, path)| {
+            if !path.is_absolute() {
+                Some(RecordProblem::RelativePath {
+                    what,
+                    path: path.to_owned(),
+                })
+            } else if path.to_str().is_none() {
+                Some(RecordProblem::NonUtf8Path {
+                    what,
+                    path: path.to_owned(),
+                })
+            } else {
+                None
+            }
+        })
+    }
+
+    fn snapshot_problem(&self) -> Option<RecordProblem> {
+        let mut parents: HashMap<&str, Option<&str>> = HashMap::new();
+        for s in &self.snapshots {
+            if let Some(reason) = names::snapshot_name_problem(&s.name) {
+                return Some(RecordProblem::InvalidSnapshotName {
+                    name: s.name.clone(),
+                    reason,
+                });
+            }
+            if parents.insert(&s.name, s.parent.as_deref()).is_some() {
+                return Some(RecordProblem::DuplicateSnapshot {
+                    name: s.name.clone(),
+                });
+            }
+        }
+        for s in &self.snapshots {
+            if let Some(parent) = &s.parent {
+                if !parents.contains_key(parent.as_str()) {
+                    return Some(RecordProblem::UnknownParent {
+                        snapshot: s.name.clone(),
+                        parent: parent.clone(),
+                    });
+                }
+            }
+        }
+        for s in &self.snapshots {
+            if let Some(on_cycle) = find_cycle(s.name.as_str(), |n| parents[n]) {
+                return Some(RecordProblem::ParentCycle {
+                    snapshot: on_cycle.to_owned(),
+                });
+            }
+        }
+        if let Some(current) = &self.current {
+            if !parents.contains_key(current.as_str()) {
+                return Some(RecordProblem::UnknownCurrent {
+                    name: current.clone(),
+                });
+            }
+        }
+        None
+    }
+
+    fn layer_problem(&self) -> Option<RecordProblem> {
+        for (id, disk) in &self.disks {
+            if !self.layers.contains_key(&disk.active) {
+                return Some(RecordProblem::UnknownActiveImage {
+                    disk: id.clone(),
+                    image: disk.active.clone(),
+                });
+            }
+        }
+        for s in &self.snapshots {
+            for (id, disk) in &s.disks {
+                if !self.layers.contains_key(&disk.image) {
+                    return Some(RecordProblem::UnknownFrozenImage {
+                        snapshot: s.name.clone(),
+                        disk: id.clone(),
+                        image: disk.image.clone(),
+                    });
+                }
+            }
+        }
+        for (path, layer) in &self.layers {
+            if let Some(backing) = &layer.backing {
+                if !self.layers.contains_key(backing) {
+                    return Some(RecordProblem::UnknownBacking {
+                        layer: path.clone(),
+                        backing: backing.clone(),
+                    });
+                }
+            }
+        }
+        for path in self.layers.keys() {
+            if let Some(on_cycle) = find_cycle(path.as_path(), |p| self.backing_of(p)) {
+                return Some(RecordProblem::BackingCycle {
+                    layer: on_cycle.to_owned(),
+                });
+            }
+        }
+        None
+    }
+
+    /// The snapshot named `name`.
+    pub fn snapshot(&self, name: &str) -> Option<&Snapshot> {
+        self.snapshots.iter().find(|s| s.name == name)
+    }
+
+    /// The snapshots whose parent is `name`, in creation order: the branches taken from
+    /// it.
+    pub fn children(&self, name: &str) -> Vec<&Snapshot> {
+        self.snapshots
+            .iter()
+            .filter(|s| s.parent.as_deref() == Some(name))
+            .collect()
+    }
+
+    /// The recorded chain of disk `disk`: its active image first, then each backing
+    /// image down to the base. Empty when the disk is unknown.
+    pub fn chain(&self, disk: &str) -> Vec<&Path> {
+        self.disks
+            .get(disk)
+            .map(|d| self.chain_from(&d.active))
+            .unwrap_or_default()
+    }
+
+    /// The chain below `image`: `image` itself, then each backing image down to the base.
+    ///
+    /// Stops at an image that is not a known layer, and at a loop (which a valid record
+    /// does not have), so it always ends.
+    pub fn chain_from<'a>(&'a self, image: &'a Path) -> Vec<&'a Path> {
+        let mut chain = vec![image];
+        let mut seen = HashSet::from([image]);
+        let mut at = image;
+        while let Some(next) = self.backing_of(at) {
+            if !seen.insert(next) {
+                break;
+            }
+            chain.push(next);
+            at = next;
+        }
+        chain
+    }
+
+    /// The layers something depends on: every image in a disk's current chain or below a
+    /// snapshot's frozen image. A layer outside this set serves nothing and is removable
+    /// (if snapctl owns it).
+    pub fn layers_needed(&self) -> BTreeSet<&Path> {
+        let tops = self.disks.values().map(|d| d.active.as_path()).chain(
+            self.snapshots
+                .iter()
+                .flat_map(|s| s.disks.values().map(|d| d.image.as_path())),
+        );
+        tops.flat_map(|top| self.chain_from(top)).collect()
+    }
+
+    /// The snapshots whose frozen image (of any disk) is `image`, in creation order.
+    pub fn snapshots_holding(&self, image: &Path) -> Vec<&str> {
+        self.snapshots
+            .iter()
+            .filter(|s| s.disks.values().any(|d| d.image == image))
+            .map(|s| s.name.as_str())
+            .collect()
+    }
+
+    /// The layers directly backed by `image`. More than one means the image is shared by
+    /// branches, and must not be written.
+    pub fn dependents(&self, image: &Path) -> Vec<&Path> {
+        self.layers
+            .iter()
+            .filter(|(_, layer)| layer.backing.as_deref() == Some(image))
+            .map(|(path, _)| path.as_path())
+            .collect()
+    }
+
+    /// The recorded backing of `image`, as the record's own path.
+    fn backing_of(&self, image: &Path) -> Option<&Path> {
+        self.layers.get(image)?.backing.as_deref()
+    }
+}
+
+/// Follows `next` from `start` and returns a node on a loop, if the walk enters one.
+fn find_cycle<'a, T>(start: &'a T, next: impl Fn(&'a T) -> Option<&'a T>) -> Option<&'a T>
+where
+    T: ?Sized + Eq + std::hash::Hash,
+{
+    let mut seen = HashSet::from([start]);
+    let mut at = start;
+    while let Some(n) = next(at) {
+        if !seen.insert(n) {
+            return Some(n);
+        }
+        at = n;
+    }
+    None
+}
+
+/// Describes a JSON error as `line 3, column 5: <what>` without repeating the position
+/// that serde_json appends to its message.
+fn describe_json_error(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    if e.line() == 0 {
+        return message;
+    }
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let what = message.strip_suffix(&suffix).unwrap_or(&message);
+    format!("line {}, column {}: {what}", e.line(), e.column())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(backing: Option<&str>, owned: bool) -> Layer {
+        Layer {
+            format: "qcow2".into(),
+            backing: backing.map(PathBuf::from),
+            backing_string: backing.map(String::from),
+            owned,
+            virtual_size: Some(1 << 30),
+        }
+    }
+
+    fn snapshot(name: &str, parent: Option<&str>, image: &str) -> Snapshot {
+        Snapshot {
+            name: name.into(),
+            parent: parent.map(String::from),
+            created: "2026-11-23T12:00:00Z".parse().unwrap(),
+            description: None,
+            kind: SnapshotKind::DiskOnly,
+            disks: BTreeMap::from([(
+                "vda".to_owned(),
+                SnapshotDisk {
+                    image: image.into(),
+                },
+            )]),
+        }
+    }
+
+    /// The example of DESIGN.md: s1 froze base, s2 froze vda.s1, and after a revert to s1
+    /// a second branch vda.r1 grows on base, now active.
+    pub(crate) fn example() -> Record {
+        let mut rec = Record::new("ci1");
+        rec.qmp_socket = Some("/run/ci1/qmp.sock".into());
+        rec.disks.insert(
+            "vda".into(),
+            Disk {
+                active: "/img/vda.r1.qcow2".into(),
+                device: DeviceBinding {
+                    driver: "virtio-blk-pci".into(),
+                    extra: BTreeMap::from([("serial".into(), "abc".into())]),
+                },
+            },
+        );
+        rec.layers
+            .insert("/img/base.qcow2".into(), layer(None, false));
+        rec.layers.insert(
+            "/img/vda.s1.qcow2".into(),
+            layer(Some("/img/base.qcow2"), true),
+        );
+        rec.layers.insert(
+            "/img/vda.s2.qcow2".into(),
+            layer(Some("/img/vda.s1.qcow2"), true),
+        );
+        rec.layers.insert(
+            "/img/vda.r1.qcow2".into(),
+            layer(Some("/img/base.qcow2"), true),
+        );
+        rec.snapshots = vec![
+            snapshot("s1", None, "/img/base.qcow2"),
+            snapshot("s2", Some("s1"), "/img/vda.s1.qcow2"),
+        ];
+        rec.current = Some("s1".into());
+        rec
+    }
+
+    fn problem(rec: &Record) -> RecordProblem {
+        match rec.validate() {
+            Err(Error::InvalidRecord { problem, .. }) => problem,
+            other => panic!("expected an invalid record, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn example_is_valid() {
+        example().validate().unwrap();
+        Record::new("ci1").validate().unwrap();
+    }
+
+    #[test]
+    fn json_shape() {
+        let rec = example();
+        let json: serde_json::Value = serde_json::from_str(&rec.to_json().unwrap()).unwrap();
+        assert_eq!(json["version"], 1);
+        assert_eq!(json["vm"], "ci1");
+        assert_eq!(json["qga_socket"], serde_json::Value::Null);
+        assert_eq!(json["disks"]["vda"]["active"], "/img/vda.r1.qcow2");
+        assert_eq!(json["disks"]["vda"]["device"]["driver"], "virtio-blk-pci");
+        assert_eq!(json["disks"]["vda"]["device"]["extra"]["serial"], "abc");
+        assert_eq!(
+            json["layers"]["/img/vda.s1.qcow2"]["backing"],
+            "/img/base.qcow2"
+        );
+        assert_eq!(json["layers"]["/img/base.qcow2"]["owned"], false);
+        assert_eq!(json["snapshots"][1]["name"], "s2");
+        assert_eq!(json["snapshots"][1]["parent"], "s1");
+        assert_eq!(json["snapshots"][1]["kind"], "disk-only");
+        assert_eq!(json["snapshots"][1]["created"], "2026-11-23T12:00:00Z");
+        assert_eq!(
+            json["snapshots"][1]["disks"]["vda"]["image"],
+            "/img/vda.s1.qcow2"
+        );
+        assert_eq!(json["current"], "s1");
+        assert_eq!(json["journal"], serde_json::json!([]));
+        assert!(rec.to_json().unwrap().ends_with("}\n"));
+    }
+
+    #[test]
+    fn kinds_are_kebab_case() {
+        for (kind, text) in [
+            (SnapshotKind::DiskOnly, "\"disk-only\""),
+            (SnapshotKind::Memory, "\"memory\""),
+            (SnapshotKind::Internal, "\"internal\""),
+        ] {
+            assert_eq!(serde_json::to_string(&kind).unwrap(), text);
+            assert_eq!(serde_json::from_str::<SnapshotKind>(text).unwrap(), kind);
+        }
+    }
+
+    #[test]
+    fn parse_round_trips_and_ignores_unknown_fields() {
+        let rec = example();
+        let path = Path::new("/state/ci1.json");
+        assert_eq!(
+            Record::parse(path, rec.to_json().unwrap().as_bytes()).unwrap(),
+            rec
+        );
+
+        let mut json: serde_json::Value = serde_json::from_str(&rec.to_json().unwrap()).unwrap();
+        json["added_later"] = serde_json::json!({"x": 1});
+        json["layers"]["/img/base.qcow2"]["encrypted"] = true.into();
+        json["snapshots"][0]["vmstate"] = "/img/s1.mem".into();
+        let parsed = Record::parse(path, json.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed, rec);
+    }
+
+    #[test]
+    fn parse_refuses_newer_versions_whatever_their_shape() {
+        let path = Path::new("/x/y.json");
+        let err = Record::parse(path, br#"{"version": 2, "vm": ["a new shape"]}"#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "record /x/y.json has version 2; this snapctl reads up to 1: upgrade snapctl"
+        );
+    }
+
+    #[test]
+    fn parse_names_corruption_with_position() {
+        let path = Path::new("/x/ci1.json");
+        let err = Record::parse(path, b"{\n  \"version\": 1,\n  \"vm\": ").unwrap_err();
+        assert!(matches!(err, Error::RecordCorrupt { .. }));
+        assert_eq!(
+            err.to_string(),
+            "record /x/ci1.json is corrupt (line 3, column 8: EOF while parsing a value): \
+             fix or move it away; snapctl never overwrites it"
+        );
+        let err = Record::parse(path, b"{\"version\": 1, \"vm\": 5}").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("(line 1, column 22: invalid type: integer `5`, expected a string)"),
+            "{err}"
+        );
+        for (bytes, problem) in [
+            (&b"[]"[..], "it is not a JSON object"),
+            (b"{}", "it has no `version` field"),
+            (
+                b"{\"version\": \"1\"}",
+                "`version` is not a positive integer",
+            ),
+            (b"{\"version\": 0}", "`version` is not a positive integer"),
+            (b"", "EOF while parsing a value"),
+        ] {
+            let err = Record::parse(path, bytes).unwrap_err();
+            assert!(err.to_string().contains(problem), "{err}");
+        }
+    }
+
+    #[test]
+    fn validate_names_the_first_problem() {
+        type Breakage = Box<dyn Fn(&mut Record)>;
+        let cases: Vec<(&str, Breakage, &str)> = vec![
+            (
+                "unknown parent",
+                Box::new(|r| r.snapshots[1].parent = Some("s9".into())),
+                "record ci1: snapshot s2 names parent s9, which is not in the record",
+            ),
+            (
+                "parent cycle",
+                Box::new(|r| r.snapshots[0].parent = Some("s2".into())),
+                "record ci1: snapshot s1 is its own ancestor",
+            ),
+            (
+                "self parent",
+                Box::new(|r| r.snapshots[1].parent = Some("s2".into())),
+                "record ci1: snapshot s2 is its own ancestor",
+            ),
+            (
+                "duplicate",
+                Box::new(|r| r.snapshots[1].name = "s1".into()),
+                "record ci1: snapshot s1 appears more than once",
+            ),
+            (
+                "bad snapshot name",
+                Box::new(|r| r.snapshots[1].name = "a/b".into()),
+                "record ci1: snapshot name a/b is invalid: it contains `/`",
+            ),
+            (
+                "unknown current",
+                Box::new(|r| r.current = Some("s9".into())),
+                "record ci1: current snapshot s9 is not in the record",
+            ),
+            (
+                "relative active",
+                Box::new(|r| r.disks.get_mut("vda").unwrap().active = "vda.r1.qcow2".into()),
+                "record ci1: path vda.r1.qcow2 (active image of disk vda) is not absolute",
+            ),
+            (
+                "relative backing",
+                Box::new(|r| {
+                    r.layers
+                        .get_mut(Path::new("/img/vda.r1.qcow2"))
+                        .unwrap()
+                        .backing = Some("base.qcow2".into())
+                }),
+                "record ci1: path base.qcow2 (backing of /img/vda.r1.qcow2) is not absolute",
+            ),
+            (
+                "relative socket",
+                Box::new(|r| r.qmp_socket = Some("qmp.sock".into())),
+                "record ci1: path qmp.sock (QMP socket) is not absolute",
+            ),
+            (
+                "relative frozen image",
+                Box::new(|r| {
+                    r.snapshots[0].disks.get_mut("vda").unwrap().image = "base.qcow2".into()
+                }),
+                "record ci1: path base.qcow2 (frozen image of disk vda in snapshot s1) \
+                 is not absolute",
+            ),
+            (
+                "unknown active",
+                Box::new(|r| r.disks.get_mut("vda").unwrap().active = "/img/x.qcow2".into()),
+                "record ci1: active image /img/x.qcow2 of disk vda is not a known layer",
+            ),
+            (
+                "unknown frozen image",
+                Box::new(|r| {
+                    r.snapshots[1].disks.get_mut("vda").unwrap().image = "/img/x.qcow2".into()
+                }),
+                "record ci1: snapshot s2 freezes disk vda as /img/x.qcow2, \
+                 which is not a known layer",
+            ),
+            (
+                "unknown backing",
+                Box::new(|r| {
+                    r.layers
+                        .get_mut(Path::new("/img/base.qcow2"))
+                        .unwrap()
+                        .backing = Some("/img/gone.qcow2".into())
+                }),
+                "record ci1: layer /img/base.qcow2 is backed by /img/gone.qcow2, \
+                 which is not a known layer",
+            ),
+            (
+                "backing cycle",
+                Box::new(|r| {
+                    r.layers
+                        .get_mut(Path::new("/img/base.qcow2"))
+                        .unwrap()
+                        .backing = Some("/img/vda.s2.qcow2".into())
+                }),
+                "record ci1: layer /img/base.qcow2 is its own backing image (a loop in the chain)",
+            ),
+            (
+                "duplicate journal id",
+                Box::new(|r| {
+                    let entry = JournalEntry {
+                        id: 7,
+                        op: "create".into(),
+                        started: Timestamp::UNIX_EPOCH,
+                        pid: 1,
+                        detail: serde_json::Value::Null,
+                    };
+                    r.journal = vec![entry.clone(), entry];
+                }),
+                "record ci1: journal entry 7 appears more than once",
+            ),
+            (
+                "newer version in memory",
+                Box::new(|r| r.version = 2),
+                "record ci1: version 2 is not 1, the version this snapctl writes",
+            ),
+            (
+                "bad vm name",
+                Box::new(|r| r.vm = "../etc".into()),
+                "record ../etc: vm name is invalid: only ASCII letters, digits, `.`, `_` and \
+                 `-` are allowed",
+            ),
+        ];
+        for (case, break_it, message) in cases {
+            let mut rec = example();
+            break_it(&mut rec);
+            let err = rec.validate().expect_err(case);
+            assert_eq!(err.to_string(), message, "{case}");
+        }
+    }
+
+    #[test]
+    fn validate_refuses_non_utf8_paths() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let mut rec = example();
+        rec.qga_socket = Some(Path::new(OsStr::from_bytes(b"/run/\xff.sock")).to_owned());
+        assert!(matches!(problem(&rec), RecordProblem::NonUtf8Path { .. }));
+    }
+
+    #[test]
+    fn a_cycle_is_named_by_a_member_not_by_a_tail_leading_into_it() {
+        // s1 -> s2 -> s3 -> s2: s1 is a tail, s2 and s3 form the loop.
+        let mut rec = example();
+        rec.snapshots
+            .push(snapshot("s3", Some("s2"), "/img/vda.s2.qcow2"));
+        rec.snapshots[0].parent = Some("s2".into());
+        rec.snapshots[1].parent = Some("s3".into());
+        assert_eq!(
+            problem(&rec),
+            RecordProblem::ParentCycle {
+                snapshot: "s2".into()
+            }
+        );
+    }
+
+    #[test]
+    fn queries() {
+        let rec = example();
+        assert_eq!(rec.snapshot("s2").unwrap().parent.as_deref(), Some("s1"));
+        assert!(rec.snapshot("s9").is_none());
+        let children: Vec<_> = rec.children("s1").iter().map(|s| &s.name).collect();
+        assert_eq!(children, ["s2"]);
+        assert!(rec.children("s2").is_empty());
+
+        assert_eq!(
+            rec.chain("vda"),
+            [Path::new("/img/vda.r1.qcow2"), Path::new("/img/base.qcow2")]
+        );
+        assert!(rec.chain("vdb").is_empty());
+        assert_eq!(
+            rec.chain_from(Path::new("/img/vda.s2.qcow2")),
+            [
+                Path::new("/img/vda.s2.qcow2"),
+                Path::new("/img/vda.s1.qcow2"),
+                Path::new("/img/base.qcow2")
+            ]
+        );
+
+        // vda.s2 is the abandoned branch's old active image: nothing needs it.
+        let needed: Vec<_> = rec.layers_needed().into_iter().collect();
+        assert_eq!(
+            needed,
+            [
+                Path::new("/img/base.qcow2"),
+                Path::new("/img/vda.r1.qcow2"),
+                Path::new("/img/vda.s1.qcow2"),
+            ]
+        );
+
+        assert_eq!(rec.snapshots_holding(Path::new("/img/base.qcow2")), ["s1"]);
+        assert_eq!(
+            rec.snapshots_holding(Path::new("/img/vda.s1.qcow2")),
+            ["s2"]
+        );
+        assert!(
+            rec.snapshots_holding(Path::new("/img/vda.r1.qcow2"))
+                .is_empty()
+        );
+
+        assert_eq!(
+            rec.dependents(Path::new("/img/base.qcow2")),
+            [
+                Path::new("/img/vda.r1.qcow2"),
+                Path::new("/img/vda.s1.qcow2")
+            ]
+        );
+        assert!(rec.dependents(Path::new("/img/vda.r1.qcow2")).is_empty());
+    }
+
+    #[test]
+    fn chain_ends_even_on_a_loop() {
+        let mut rec = example();
+        rec.layers
+            .get_mut(Path::new("/img/base.qcow2"))
+            .unwrap()
+            .backing = Some("/img/vda.r1.qcow2".into());
+        assert_eq!(rec.chain("vda").len(), 2);
+        assert_eq!(rec.layers_needed().len(), 3);
+    }
+}
