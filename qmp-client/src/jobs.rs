@@ -247,10 +247,11 @@ impl Job {
             }
             match self.events.next().await {
                 Some(EventItem::Event(event)) => {
-                    if event.name == "JOB_STATUS_CHANGE" && event.str("id") == Some(&self.id) {
-                        if let Some(status) = event.str("status") {
-                            self.status = status.parse().unwrap_or_else(|never| match never {});
-                        }
+                    if event.name == "JOB_STATUS_CHANGE"
+                        && event.str("id") == Some(&self.id)
+                        && let Some(status) = event.str("status")
+                    {
+                        self.status = status.parse().unwrap_or_else(|never| match never {});
                     }
                 }
                 // Events were dropped for us: the truth is in query-jobs.

@@ -112,10 +112,10 @@ impl GuestAgent {
         self.reader.decoder_mut().skip_to_delimiter();
         let wait = async {
             loop {
-                if let Ok(v) = self.read_reply("guest-sync-delimited").await {
-                    if v.as_i64() == Some(id) {
-                        return Ok(());
-                    }
+                if let Ok(v) = self.read_reply("guest-sync-delimited").await
+                    && v.as_i64() == Some(id)
+                {
+                    return Ok(());
                 }
                 // Anything else is stale output from before the sync: skip it.
             }

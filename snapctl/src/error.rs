@@ -142,9 +142,100 @@ pub enum Error {
         /// The entry's id.
         id: u64,
     },
+
+    /// Talking to QEMU failed; QEMU's own message is in the source.
+    #[error(transparent)]
+    Qmp(#[from] qmp_client::Error),
+
+    /// The guest agent could not do what `--quiesce` needs.
+    #[error("guest agent: {0}")]
+    GuestAgent(String),
+
+    /// An image tool (`qemu-img`) failed or is missing.
+    #[error("{0}")]
+    Tool(String),
+
+    /// QEMU's graph could not be read as expected.
+    #[error("{0}")]
+    Graph(String),
+
+    /// Record, QEMU and image headers disagree in a way that makes the operation unsafe.
+    #[error("{0}")]
+    Drift(String),
+
+    /// A snapshot of that name exists already.
+    #[error("vm {vm} already has a snapshot named {}", quoted(name))]
+    SnapshotExists {
+        /// The VM.
+        vm: String,
+        /// The name.
+        name: String,
+    },
+
+    /// No snapshot of that name.
+    #[error("vm {vm} has no snapshot named {}", quoted(name))]
+    UnknownSnapshot {
+        /// The VM.
+        vm: String,
+        /// The name.
+        name: String,
+    },
+
+    /// A disk named on the command line is not one of the VM's.
+    #[error("vm {vm} has no disk {}; its disks: {known}", quoted(disk))]
+    UnknownDisk {
+        /// The VM.
+        vm: String,
+        /// The disk as given.
+        disk: String,
+        /// The disks it has, comma-separated.
+        known: String,
+    },
+
+    /// A disk was chosen that snapshots cannot cover.
+    #[error("disk {disk} cannot be snapshotted: {reason}")]
+    DiskNotSnapshottable {
+        /// The disk.
+        disk: String,
+        /// Why not.
+        reason: &'static str,
+    },
+
+    /// Nothing to snapshot.
+    #[error("vm {vm} has no writable, non-removable disk to snapshot")]
+    NoWritableDisk {
+        /// The VM.
+        vm: String,
+    },
+
+    /// An overlay cannot be created at that path.
+    #[error("cannot create overlay {}: {reason}", path.display())]
+    OverlayPath {
+        /// The path.
+        path: PathBuf,
+        /// Why not.
+        reason: &'static str,
+    },
+
+    /// The VM is not registered and the command needs it to be.
+    #[error("vm {vm} is not registered: run snapctl init (or create) first")]
+    UnknownVm {
+        /// The VM.
+        vm: String,
+    },
+
+    /// The user interrupted the operation (SIGINT/SIGTERM) at a safe point.
+    #[error("interrupted; nothing was changed")]
+    Interrupted,
 }
 
 impl Error {
+    /// QEMU may have carried out the last command even though we saw an error:
+    /// re-read the graph before undoing anything.
+    pub fn result_unknown(&self) -> bool {
+        matches!(self, Error::Qmp(e) if e.result_unknown())
+    }
+
     /// Whether the error is a lock held by another snapctl (worth retrying later).
     pub fn is_locked(&self) -> bool {
         matches!(self, Error::Locked { .. })

@@ -1,7 +1,7 @@
 //! The snapshot engine behind the `snapctl` command: external disk-snapshot chains of
 //! QEMU VMs, managed over QMP without libvirt.
 //!
-//! The pieces so far:
+//! The pieces:
 //!
 //! - [`record`]: what snapctl knows about one VM — its disks, the layers of each disk's
 //!   image tree, its snapshots and the operations in flight — and the model's invariants.
@@ -9,14 +9,26 @@
 //!   at a time behind a per-VM lock.
 //! - [`names`]: which snapshot and VM names are accepted, and the QEMU node names and
 //!   overlay file names derived from them.
+//! - [`graph`]: QEMU's live block graph, per disk the chain of layers; [`images`]: the
+//!   same from image headers, and overlay creation.
+//! - [`plan`]: pure planners (record + live graph in, ordered steps out); `--dry-run`
+//!   prints their steps. [`create`] runs a create plan against QEMU.
+//! - [`views`]: snapshot lists, chains, `qemu-args`; [`check`]: drift between record,
+//!   QEMU and headers.
 //! - [`error`]: the one error type.
 //!
 //! The library never prints; the binary owns stdout and stderr.
 
+pub mod check;
+pub mod create;
 pub mod error;
+pub mod graph;
+pub mod images;
 pub mod names;
+pub mod plan;
 pub mod record;
 pub mod store;
+pub mod views;
 
 pub use error::{Error, Result};
 pub use record::{RECORD_VERSION, Record};

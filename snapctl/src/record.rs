@@ -447,13 +447,13 @@ impl Record {
             }
         }
         for s in &self.snapshots {
-            if let Some(parent) = &s.parent {
-                if !parents.contains_key(parent.as_str()) {
-                    return Some(RecordProblem::UnknownParent {
-                        snapshot: s.name.clone(),
-                        parent: parent.clone(),
-                    });
-                }
+            if let Some(parent) = &s.parent
+                && !parents.contains_key(parent.as_str())
+            {
+                return Some(RecordProblem::UnknownParent {
+                    snapshot: s.name.clone(),
+                    parent: parent.clone(),
+                });
             }
         }
         for s in &self.snapshots {
@@ -463,12 +463,12 @@ impl Record {
                 });
             }
         }
-        if let Some(current) = &self.current {
-            if !parents.contains_key(current.as_str()) {
-                return Some(RecordProblem::UnknownCurrent {
-                    name: current.clone(),
-                });
-            }
+        if let Some(current) = &self.current
+            && !parents.contains_key(current.as_str())
+        {
+            return Some(RecordProblem::UnknownCurrent {
+                name: current.clone(),
+            });
         }
         None
     }
@@ -494,13 +494,13 @@ impl Record {
             }
         }
         for (path, layer) in &self.layers {
-            if let Some(backing) = &layer.backing {
-                if !self.layers.contains_key(backing) {
-                    return Some(RecordProblem::UnknownBacking {
-                        layer: path.clone(),
-                        backing: backing.clone(),
-                    });
-                }
+            if let Some(backing) = &layer.backing
+                && !self.layers.contains_key(backing)
+            {
+                return Some(RecordProblem::UnknownBacking {
+                    layer: path.clone(),
+                    backing: backing.clone(),
+                });
             }
         }
         for path in self.layers.keys() {

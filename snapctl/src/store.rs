@@ -112,10 +112,6 @@ impl Store {
         let deadline = Instant::now() + wait;
         let mut pause = Duration::from_millis(5);
         loop {
-            #[allow(
-                clippy::incompatible_msrv,
-                reason = "File::try_lock is stable since Rust 1.89; snapctl is built with 1.95"
-            )]
             match file.try_lock() {
                 Ok(()) => break,
                 Err(TryLockError::WouldBlock) => {}
@@ -299,10 +295,6 @@ impl Drop for VmLock {
         // longer holds the lock. Closing the file releases the lock anyway; unlocking
         // explicitly just does it first.
         let _ = self.file.set_len(0);
-        #[allow(
-            clippy::incompatible_msrv,
-            reason = "File::unlock is stable since Rust 1.89; snapctl is built with 1.95"
-        )]
         let _ = self.file.unlock();
     }
 }

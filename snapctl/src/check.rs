@@ -1,0 +1,212 @@
+//! `check`: the record against QEMU's live graph and the images' headers.
+//!
+//! The record is metadata; the truth is the graph and the headers. Each drift
+//! found is one line a user can act on. `--repair` adopts only what is
+//! unambiguous: a chain that grew on top of the recorded active image (a
+//! snapshot taken by hand), and layers QEMU or the headers show that the
+//! record lacks. Nothing is ever deleted by a repair.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::graph::LiveGraph;
+use crate::images;
+use crate::record::{Layer, Record};
+
+/// One disagreement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Drift {
+    /// A stable keyword: `active-image`, `missing-file`, `backing`, `format`,
+    /// `missing-disk`, `job-running`, `journal`.
+    pub kind: &'static str,
+    pub disk: Option<String>,
+    pub message: String,
+}
+
+/// A job that QEMU runs (`query-jobs`), as far as `check` cares.
+#[derive(Debug, Clone)]
+pub struct RunningJob {
+    pub id: String,
+    pub kind: String,
+    pub status: String,
+}
+
+fn frozen_by<'a>(record: &'a Record, image: &Path) -> Vec<&'a str> {
+    record.snapshots_holding(image)
+}
+
+/// Every drift between the record, the live graph (when QEMU runs) and the headers.
+pub fn drifts(record: &Record, live: Option<&LiveGraph>, jobs: &[RunningJob]) -> Vec<Drift> {
+    let mut out = Vec::new();
+    for entry in &record.journal {
+        out.push(Drift {
+            kind: "journal",
+            disk: None,
+            message: format!(
+                "an interrupted {} (pid {}, started {}) left unfinished work",
+                entry.op, entry.pid, entry.started
+            ),
+        });
+    }
+    for job in jobs {
+        if job.status != "concluded" {
+            out.push(Drift {
+                kind: "job-running",
+                disk: None,
+                message: format!("QEMU runs job {} ({}, {})", job.id, job.kind, job.status),
+            });
+        }
+    }
+    for (id, disk) in &record.disks {
+        if let Some(live) = live {
+            match live.disks.get(id).and_then(|d| d.active()) {
+                None => out.push(Drift {
+                    kind: "missing-disk",
+                    disk: Some(id.clone()),
+                    message: format!("QEMU has no disk {id}, which the record knows"),
+                }),
+                Some(active) if active.filename != disk.active => {
+                    let holders = frozen_by(record, &active.filename);
+                    let message = if holders.is_empty() {
+                        format!(
+                            "QEMU writes {} on {id} but the record says the active image is {}",
+                            active.filename.display(),
+                            disk.active.display()
+                        )
+                    } else {
+                        format!(
+                            "QEMU writes {} on {id} but the record says it is frozen by {}",
+                            file_name(&active.filename),
+                            holders.join(", ")
+                        )
+                    };
+                    out.push(Drift {
+                        kind: "active-image",
+                        disk: Some(id.clone()),
+                        message,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        for path in record.chain(id) {
+            let Some(layer) = record.layers.get(path) else {
+                continue;
+            };
+            match images::info(path) {
+                Err(_) if !path.exists() => out.push(Drift {
+                    kind: "missing-file",
+                    disk: Some(id.clone()),
+                    message: format!("{} is missing", path.display()),
+                }),
+                Err(e) => out.push(Drift {
+                    kind: "missing-file",
+                    disk: Some(id.clone()),
+                    message: format!("{} cannot be read: {e}", path.display()),
+                }),
+                Ok(info) => {
+                    if info.format != layer.format {
+                        out.push(Drift {
+                            kind: "format",
+                            disk: Some(id.clone()),
+                            message: format!(
+                                "{} is {} but the record says {}",
+                                path.display(),
+                                info.format,
+                                layer.format
+                            ),
+                        });
+                    }
+                    let header = info.backing_path.as_deref().map(normalize);
+                    if header.as_deref() != layer.backing.as_deref() {
+                        out.push(Drift {
+                            kind: "backing",
+                            disk: Some(id.clone()),
+                            message: format!(
+                                "{} is backed by {} in its header but by {} in the record",
+                                path.display(),
+                                describe(info.backing_string.as_deref()),
+                                describe(
+                                    layer
+                                        .backing
+                                        .as_deref()
+                                        .map(|p| p.to_string_lossy())
+                                        .as_deref()
+                                )
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn describe(s: Option<&str>) -> String {
+    s.map_or_else(|| "nothing".to_owned(), str::to_owned)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+fn normalize(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+/// Adopts what is unambiguous; returns one line per change.
+///
+/// A live chain whose lower part is the recorded chain (someone took a
+/// snapshot by hand): the new layers are recorded as foreign and the active
+/// image follows QEMU.
+pub fn repair(record: &mut Record, live: Option<&LiveGraph>) -> Vec<String> {
+    let mut changes = Vec::new();
+    let Some(live) = live else {
+        return changes;
+    };
+    let ids: Vec<String> = record.disks.keys().cloned().collect();
+    for id in ids {
+        let Some(disk) = live.disks.get(&id) else {
+            continue;
+        };
+        let recorded_active = record.disks[&id].active.clone();
+        let Some(pos) = disk
+            .chain
+            .iter()
+            .position(|l| l.filename == recorded_active)
+        else {
+            continue;
+        };
+        if pos == 0 {
+            continue;
+        }
+        for (i, layer) in disk.chain[..pos].iter().enumerate() {
+            record
+                .layers
+                .entry(layer.filename.clone())
+                .or_insert_with(|| Layer {
+                    format: layer.format.clone(),
+                    backing: disk.chain.get(i + 1).map(|b| b.filename.clone()),
+                    backing_string: layer.backing_string.clone(),
+                    owned: false,
+                    virtual_size: Some(layer.virtual_size),
+                });
+        }
+        let new_active = disk.chain[0].filename.clone();
+        changes.push(format!(
+            "{id}: adopted {} layer(s) QEMU opened on top of {}; active image is now {}",
+            pos,
+            recorded_active.display(),
+            new_active.display()
+        ));
+        if let Some(d) = record.disks.get_mut(&id) {
+            d.active = new_active;
+        }
+    }
+    changes
+}

@@ -1,0 +1,406 @@
+//! QEMU's live block graph, reduced to what snapshots need: per guest disk,
+//! the chain of image layers from the active image down to the base.
+//!
+//! Sources: `query-block` says which device has which root node;
+//! `query-named-block-nodes {flat: true}` describes every node (file name,
+//! format, size, read-only, header backing string); `x-debug-query-block-graph`
+//! gives the exact `backing` edges. That last command is marked unstable, so
+//! when it is missing the chain is followed by file name instead, which is
+//! exact unless the same image is opened twice.
+//!
+//! Disks opened with `-blockdev` per layer and with legacy `-drive` (automatic
+//! `#blockNNN` node names) read the same way.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use qmp_client::Client;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+
+/// One image layer as QEMU has it open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveLayer {
+    /// The format node's name (`#blockNNN` for nodes QEMU named itself).
+    pub node: String,
+    /// The image file.
+    pub filename: PathBuf,
+    /// The format driver, e.g. `qcow2` or `raw`.
+    pub format: String,
+    pub virtual_size: u64,
+    pub read_only: bool,
+    /// The backing string written in this image's header, if any.
+    pub backing_string: Option<String>,
+}
+
+/// A guest disk and its chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveDisk {
+    /// The device's qdev id, e.g. `vda`.
+    pub id: String,
+    /// The device's QOM path, e.g. `/machine/peripheral/vda/virtio-backend`.
+    pub qom_path: String,
+    /// The legacy BlockBackend name (`-drive id=`), empty for `-blockdev`.
+    pub backend: String,
+    pub removable: bool,
+    /// Whether the device itself is read-only (its root node is).
+    pub read_only: bool,
+    /// Active image first, base last. Empty when no medium is inserted.
+    pub chain: Vec<LiveLayer>,
+}
+
+impl LiveDisk {
+    /// The active image (the one the guest writes).
+    pub fn active(&self) -> Option<&LiveLayer> {
+        self.chain.first()
+    }
+
+    /// Snapshots can be taken of writable, non-removable disks with a medium.
+    pub fn snapshottable(&self) -> bool {
+        !self.removable && !self.read_only && !self.chain.is_empty()
+    }
+}
+
+/// Every guest disk QEMU has, by qdev id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveGraph {
+    pub disks: BTreeMap<String, LiveDisk>,
+    /// Every format node by name (also those in no device's chain, e.g. nodes
+    /// added by an interrupted operation).
+    pub nodes: BTreeMap<String, LiveLayer>,
+}
+
+impl LiveGraph {
+    /// The format node that has `path` open, preferring one in a device chain.
+    pub fn node_for(&self, path: &std::path::Path) -> Option<&LiveLayer> {
+        self.disks
+            .values()
+            .flat_map(|d| d.chain.iter())
+            .chain(self.nodes.values())
+            .find(|l| l.filename == path)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct BlockInfo {
+    #[serde(default)]
+    device: String,
+    #[serde(default)]
+    qdev: Option<String>,
+    #[serde(default)]
+    removable: bool,
+    #[serde(default)]
+    inserted: Option<Inserted>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Inserted {
+    #[serde(rename = "node-name")]
+    node_name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeInfo {
+    #[serde(rename = "node-name")]
+    node_name: String,
+    drv: String,
+    file: String,
+    ro: bool,
+    #[serde(default)]
+    backing_file: Option<String>,
+    image: ImageSummary,
+}
+
+#[derive(Debug, Deserialize)]
+struct ImageSummary {
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    #[serde(rename = "backing-filename", default)]
+    backing_filename: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DebugGraph {
+    nodes: Vec<DebugNode>,
+    edges: Vec<DebugEdge>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DebugNode {
+    id: u64,
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct DebugEdge {
+    parent: u64,
+    child: u64,
+    name: String,
+}
+
+/// Protocol drivers sit under a format node (`file` child); they are not layers.
+fn is_protocol(driver: &str) -> bool {
+    matches!(
+        driver,
+        "file"
+            | "host_device"
+            | "host_cdrom"
+            | "nbd"
+            | "iscsi"
+            | "rbd"
+            | "ssh"
+            | "http"
+            | "https"
+            | "nvme"
+            | "gluster"
+            | "null-co"
+            | "null-aio"
+            | "blkdebug"
+            | "blkverify"
+    )
+}
+
+/// The qdev id in a `query-block` `qdev` path: `/machine/peripheral/vda/virtio-backend`
+/// → `vda`; devices without an id (`/machine/peripheral-anon/…`) have none.
+fn qdev_id(qdev: &str) -> Option<String> {
+    if let Some(rest) = qdev.strip_prefix("/machine/peripheral/") {
+        return rest.split('/').next().map(str::to_owned);
+    }
+    if qdev.starts_with('/') {
+        return None;
+    }
+    Some(qdev.to_owned())
+}
+
+/// Reads the live graph. Three QMP round trips, issued concurrently.
+pub async fn read(client: &Client) -> Result<LiveGraph> {
+    let (blocks, nodes, edges) = tokio::join!(
+        client.execute_raw("query-block", Value::Null),
+        client.execute_raw("query-named-block-nodes", json!({ "flat": true })),
+        client.execute_raw("x-debug-query-block-graph", Value::Null),
+    );
+    let blocks: Vec<BlockInfo> = decode("query-block", blocks?)?;
+    let nodes: Vec<NodeInfo> = decode("query-named-block-nodes", nodes?)?;
+    let backing_edges = match edges {
+        Ok(v) => Some(backing_edges(decode("x-debug-query-block-graph", v)?)),
+        Err(e) if e.qmp_class() == Some("CommandNotFound") => None,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(assemble(blocks, nodes, backing_edges))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(command: &str, value: Value) -> Result<T> {
+    serde_json::from_value(value)
+        .map_err(|e| Error::Graph(format!("unexpected {command} reply: {e}")))
+}
+
+/// node name → name of its `backing` child.
+fn backing_edges(graph: DebugGraph) -> HashMap<String, String> {
+    let names: HashMap<u64, &str> = graph
+        .nodes
+        .iter()
+        .map(|n| (n.id, n.name.as_str()))
+        .collect();
+    graph
+        .edges
+        .iter()
+        .filter(|e| e.name == "backing")
+        .filter_map(|e| {
+            Some((
+                names.get(&e.parent)?.to_string(),
+                names.get(&e.child)?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn assemble(
+    blocks: Vec<BlockInfo>,
+    nodes: Vec<NodeInfo>,
+    edges: Option<HashMap<String, String>>,
+) -> LiveGraph {
+    let layers: BTreeMap<String, (LiveLayer, Option<String>)> = nodes
+        .into_iter()
+        .filter(|n| !is_protocol(&n.drv))
+        .map(|n| {
+            let layer = LiveLayer {
+                node: n.node_name.clone(),
+                filename: PathBuf::from(&n.file),
+                format: n.drv,
+                virtual_size: n.image.virtual_size,
+                read_only: n.ro,
+                backing_string: n.image.backing_filename,
+            };
+            (n.node_name, (layer, n.backing_file))
+        })
+        .collect();
+    let backing_of = |node: &str| -> Option<String> {
+        match &edges {
+            Some(edges) => edges.get(node).cloned(),
+            None => {
+                // Follow by file name: the node whose file QEMU resolved as our backing.
+                let (_, backing_file) = layers.get(node)?;
+                let wanted = backing_file.as_deref()?;
+                layers
+                    .values()
+                    .find(|(l, _)| l.filename.as_os_str() == wanted)
+                    .map(|(l, _)| l.node.clone())
+            }
+        }
+    };
+
+    let mut disks = BTreeMap::new();
+    for block in blocks {
+        let Some(id) = block.qdev.as_deref().and_then(qdev_id) else {
+            continue;
+        };
+        let mut chain = Vec::new();
+        let mut next = block.inserted.as_ref().map(|i| i.node_name.clone());
+        while let Some(node) = next {
+            let Some((layer, _)) = layers.get(&node) else {
+                break;
+            };
+            // A filter node (throttle, copy-on-read) has no file of its own
+            // worth recording; its child is what matters. Keep format layers only.
+            chain.push(layer.clone());
+            next = backing_of(&node);
+            if chain.len() > 100_000 {
+                break;
+            }
+        }
+        let read_only = chain.first().is_some_and(|l| l.read_only);
+        disks.insert(
+            id.clone(),
+            LiveDisk {
+                id,
+                qom_path: block.qdev.clone().unwrap_or_default(),
+                backend: block.device,
+                removable: block.removable,
+                read_only,
+                chain,
+            },
+        );
+    }
+    LiveGraph {
+        disks,
+        nodes: layers.into_iter().map(|(k, (l, _))| (k, l)).collect(),
+    }
+}
+
+/// The device model and id properties needed to re-create a disk's `-device`,
+/// read through QOM (`type`).
+pub async fn device_driver(client: &Client, disk: &str) -> Result<String> {
+    let v = client
+        .execute_raw(
+            "qom-get",
+            json!({ "path": format!("/machine/peripheral/{disk}"), "property": "type" }),
+        )
+        .await?;
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Graph(format!("qom-get type of {disk} returned {v}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, drv: &str, file: &str, backing: Option<&str>) -> NodeInfo {
+        NodeInfo {
+            node_name: name.into(),
+            drv: drv.into(),
+            file: file.into(),
+            ro: false,
+            backing_file: backing.map(Into::into),
+            image: ImageSummary {
+                virtual_size: 1 << 20,
+                backing_filename: backing.map(Into::into),
+            },
+        }
+    }
+
+    fn blocks() -> Vec<BlockInfo> {
+        vec![
+            BlockInfo {
+                device: String::new(),
+                qdev: Some("/machine/peripheral/vda/virtio-backend".into()),
+                removable: false,
+                inserted: Some(Inserted {
+                    node_name: "top".into(),
+                }),
+            },
+            BlockInfo {
+                device: "cd0".into(),
+                qdev: Some("cd0dev".into()),
+                removable: true,
+                inserted: None,
+            },
+            BlockInfo {
+                device: String::new(),
+                qdev: Some("/machine/peripheral-anon/device[0]/virtio-backend".into()),
+                removable: false,
+                inserted: Some(Inserted {
+                    node_name: "x".into(),
+                }),
+            },
+        ]
+    }
+
+    fn nodes() -> Vec<NodeInfo> {
+        vec![
+            node("top", "qcow2", "/i/top.qcow2", Some("/i/base.qcow2")),
+            node("#block1", "file", "/i/top.qcow2", None),
+            node("base", "qcow2", "/i/base.qcow2", None),
+            // The same base opened a second time, read-only, elsewhere.
+            node("other", "qcow2", "/i/base.qcow2", None),
+        ]
+    }
+
+    #[test]
+    fn chains_by_edges_and_skips_devices_without_id() {
+        let edges = HashMap::from([("top".to_string(), "base".to_string())]);
+        let g = assemble(blocks(), nodes(), Some(edges));
+        let vda = &g.disks["vda"];
+        let names: Vec<_> = vda.chain.iter().map(|l| l.node.as_str()).collect();
+        assert_eq!(names, ["top", "base"]);
+        assert!(vda.snapshottable());
+        assert!(!g.disks["cd0dev"].snapshottable());
+        assert_eq!(g.disks.len(), 2);
+        assert!(
+            !g.nodes.contains_key("#block1"),
+            "protocol nodes are not layers"
+        );
+    }
+
+    #[test]
+    fn falls_back_to_file_names_without_the_debug_graph() {
+        let g = assemble(blocks(), nodes(), None);
+        let chain: Vec<_> = g.disks["vda"]
+            .chain
+            .iter()
+            .map(|l| l.filename.clone())
+            .collect();
+        assert_eq!(
+            chain,
+            [
+                PathBuf::from("/i/top.qcow2"),
+                PathBuf::from("/i/base.qcow2")
+            ]
+        );
+    }
+
+    #[test]
+    fn qdev_ids() {
+        assert_eq!(
+            qdev_id("/machine/peripheral/vda/virtio-backend").as_deref(),
+            Some("vda")
+        );
+        assert_eq!(qdev_id("cd0dev").as_deref(), Some("cd0dev"));
+        assert_eq!(
+            qdev_id("/machine/peripheral-anon/device[1]/virtio-backend"),
+            None
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! Read-only views of a VM: snapshot lists, chains, and the arguments that
+//! restart QEMU on the current chains. These build the documented JSON shapes
+//! (see the README); the binary renders them as tables or JSON.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::graph::LiveGraph;
+use crate::images;
+use crate::names;
+use crate::record::{Record, Snapshot};
+
+/// `list --json`.
+#[derive(Debug, Serialize)]
+pub struct SnapshotList<'a> {
+    pub vm: &'a str,
+    pub current: Option<&'a str>,
+    pub snapshots: Vec<SnapshotView<'a>>,
+}
+
+/// One snapshot (`show NAME --json`, and each element of `list --json`).
+#[derive(Debug, Serialize)]
+pub struct SnapshotView<'a> {
+    pub name: &'a str,
+    pub parent: Option<&'a str>,
+    pub created: String,
+    pub description: Option<&'a str>,
+    pub kind: crate::record::SnapshotKind,
+    pub current: bool,
+    /// Per disk, the frozen image.
+    pub disks: BTreeMap<&'a str, FrozenImage<'a>>,
+    pub children: Vec<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FrozenImage<'a> {
+    pub image: &'a Path,
+}
+
+impl<'a> SnapshotView<'a> {
+    pub fn new(record: &'a Record, s: &'a Snapshot) -> SnapshotView<'a> {
+        SnapshotView {
+            name: &s.name,
+            parent: s.parent.as_deref(),
+            created: s.created.to_string(),
+            description: s.description.as_deref(),
+            kind: s.kind,
+            current: record.current.as_deref() == Some(s.name.as_str()),
+            disks: s
+                .disks
+                .iter()
+                .map(|(d, sd)| (d.as_str(), FrozenImage { image: &sd.image }))
+                .collect(),
+            children: record
+                .children(&s.name)
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect(),
+        }
+    }
+}
+
+pub fn list(record: &Record) -> SnapshotList<'_> {
+    SnapshotList {
+        vm: &record.vm,
+        current: record.current.as_deref(),
+        snapshots: record
+            .snapshots
+            .iter()
+            .map(|s| SnapshotView::new(record, s))
+            .collect(),
+    }
+}
+
+/// One image of a chain (`chain --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainEntry {
+    pub image: PathBuf,
+    pub format: String,
+    pub active: bool,
+    /// Snapshots whose frozen state this image holds.
+    pub snapshots: Vec<String>,
+    /// Whether snapctl created the image (false: found, never written).
+    pub owned: bool,
+}
+
+/// `chain --json`.
+#[derive(Debug, Serialize)]
+pub struct ChainView {
+    /// Where the chains were read: `qemu` (live graph) or `images` (headers).
+    pub source: &'static str,
+    pub disks: BTreeMap<String, Vec<ChainEntry>>,
+}
+
+/// The chains of `disks` (all recorded disks when empty): from QEMU's live
+/// graph when given, otherwise from the image headers.
+pub fn chains(record: &Record, live: Option<&LiveGraph>, only: Option<&str>) -> Result<ChainView> {
+    let mut out = BTreeMap::new();
+    for (id, disk) in &record.disks {
+        if only.is_some_and(|o| o != id) {
+            continue;
+        }
+        let files: Vec<(PathBuf, String)> = match live.and_then(|g| g.disks.get(id)) {
+            Some(d) => d
+                .chain
+                .iter()
+                .map(|l| (l.filename.clone(), l.format.clone()))
+                .collect(),
+            None if live.is_some() => Vec::new(),
+            None => images::backing_chain(&disk.active)?
+                .into_iter()
+                .map(|i| (i.filename, i.format))
+                .collect(),
+        };
+        let entries = files
+            .into_iter()
+            .enumerate()
+            .map(|(i, (image, format))| ChainEntry {
+                snapshots: record
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.disks.get(id).is_some_and(|d| d.image == image))
+                    .map(|s| s.name.clone())
+                    .collect(),
+                owned: record.layers.get(&image).is_some_and(|l| l.owned),
+                active: i == 0,
+                image,
+                format,
+            })
+            .collect();
+        out.insert(id.clone(), entries);
+    }
+    Ok(ChainView {
+        source: if live.is_some() { "qemu" } else { "images" },
+        disks: out,
+    })
+}
+
+/// The QEMU arguments that reopen the recorded chains: one `-blockdev` per
+/// layer, base first, linked by node name, then the `-device` binding.
+pub fn qemu_args(record: &Record, only: Option<&str>) -> Vec<String> {
+    let mut args = Vec::new();
+    for (id, disk) in &record.disks {
+        if only.is_some_and(|o| o != id) {
+            continue;
+        }
+        let mut chain = record.chain(id);
+        chain.reverse();
+        let mut below: Option<String> = None;
+        for (i, path) in chain.iter().enumerate() {
+            let format = record
+                .layers
+                .get(*path)
+                .map(|l| l.format.as_str())
+                .unwrap_or("qcow2");
+            let node = names::node_name("l", id, &i.to_string(), 0);
+            let mut spec = serde_json::json!({
+                "driver": format,
+                "node-name": node,
+                "file": { "driver": "file", "filename": path },
+            });
+            if let Some(b) = &below {
+                spec["backing"] = b.clone().into();
+            } else if format == "qcow2" {
+                spec["backing"] = serde_json::Value::Null;
+            }
+            args.push("-blockdev".to_owned());
+            args.push(spec.to_string());
+            below = Some(node);
+        }
+        if let Some(top) = below {
+            let mut device = format!("{},id={id},drive={top}", disk.device.driver);
+            for (k, v) in &disk.device.extra {
+                device.push_str(&format!(",{k}={v}"));
+            }
+            args.push("-device".to_owned());
+            args.push(device);
+        }
+    }
+    args
+}
+
+/// Quotes an argument for a POSIX shell (`eval "qemu … $(snapctl qemu-args)"`).
+pub fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_=,./:@+".contains(&b))
+    {
+        return arg.to_owned();
+    }
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("-blockdev"), "-blockdev");
+        assert_eq!(shell_quote(r#"{"a":"b c"}"#), r#"'{"a":"b c"}'"#);
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+}
