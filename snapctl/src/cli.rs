@@ -1,0 +1,151 @@
+//! The command line, as clap derive types.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// External snapshots of running QEMU VMs, over QMP, without libvirt.
+#[derive(Debug, Parser)]
+#[command(name = "snapctl", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// The VM's name in snapctl's records (optional when only one VM is registered).
+    #[arg(long, global = true, env = "SNAPCTL_VM")]
+    pub vm: Option<String>,
+
+    /// QEMU's QMP socket for this VM; remembered in the record. Give snapctl its own
+    /// monitor (-qmp may be repeated): QEMU serves one client per monitor.
+    #[arg(long, global = true, env = "SNAPCTL_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// The guest agent's socket (for --quiesce); remembered in the record.
+    #[arg(long, global = true, env = "SNAPCTL_QGA", value_name = "PATH")]
+    pub qga: Option<PathBuf>,
+
+    /// Where records live [default: $XDG_STATE_HOME/snapctl, /var/lib/snapctl for root].
+    #[arg(long, global = true, env = "SNAPCTL_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// More diagnostics on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// How long to wait for another snapctl working on the same VM.
+    #[arg(long, global = true, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
+    pub lock_wait: Duration,
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a number of seconds"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Register a running VM: discover its disks and record their chains (images found
+    /// are foreign and never written).
+    Init,
+
+    /// Take an external snapshot of all writable disks at once (one QMP transaction).
+    Create(CreateArgs),
+
+    /// List snapshots.
+    List {
+        /// Draw the snapshot tree, the current snapshot marked.
+        #[arg(long)]
+        tree: bool,
+    },
+
+    /// Show one snapshot in full, with each disk's frozen image.
+    Show {
+        /// The snapshot.
+        name: String,
+    },
+
+    /// Show each disk's backing chain, each image labelled with the snapshots it holds.
+    Chain {
+        /// Only this disk (qdev id, e.g. vda).
+        disk: Option<String>,
+    },
+
+    /// Compare the record with QEMU's graph and the image headers; exit 3 on drift.
+    Check {
+        /// Adopt what is unambiguous and say what changed.
+        #[arg(long)]
+        repair: bool,
+    },
+
+    /// Print the -blockdev/-device arguments that reopen the current chains.
+    QemuArgs {
+        /// Only this disk.
+        disk: Option<String>,
+    },
+
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page (roff).
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The snapshot's name (up to 255 bytes; no '/', NUL or control characters).
+    pub name: String,
+
+    /// A free-form description.
+    #[arg(long, short = 'd', value_name = "TEXT")]
+    pub description: Option<String>,
+
+    /// Only this disk (repeatable).
+    #[arg(long = "disk", value_name = "ID")]
+    pub disks: Vec<String>,
+
+    /// Leave this disk out (repeatable).
+    #[arg(long, value_name = "ID")]
+    pub exclude: Vec<String>,
+
+    /// Put DISK's overlay at PATH instead of <dir of active>/<disk>.<NAME>.qcow2.
+    #[arg(long = "overlay", value_name = "ID=PATH", value_parser = overlay)]
+    pub overlays: Vec<(String, PathBuf)>,
+
+    /// Freeze the guest's filesystems through the guest agent around the snapshot.
+    #[arg(long)]
+    pub quiesce: bool,
+
+    /// Print the plan (files and QMP commands, in order) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+fn overlay(s: &str) -> Result<(String, PathBuf), String> {
+    let (id, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not ID=PATH"))?;
+    if id.is_empty() || path.is_empty() {
+        return Err(format!("{s:?} is not ID=PATH"));
+    }
+    Ok((id.to_owned(), PathBuf::from(path)))
+}

@@ -1,0 +1,256 @@
+//! Rendering: text for people, one JSON document for programs (`--json`).
+//!
+//! The JSON shapes are the contract documented in the README ("JSON output");
+//! fields may be added, never renamed.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+use serde_json::json;
+use snapctl::check::Drift;
+use snapctl::plan::{CreatePlan, Step};
+use snapctl::record::{Record, Snapshot};
+use snapctl::views::{self, ChainView, SnapshotView};
+
+pub fn json<T: Serialize + ?Sized>(value: &T) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)
+}
+
+pub fn list(record: &Record, tree: bool, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(&views::list(record));
+    }
+    let mut out = io::stdout().lock();
+    if record.snapshots.is_empty() {
+        return writeln!(out, "no snapshots of {}", record.vm);
+    }
+    if tree {
+        let roots: Vec<&Snapshot> = record
+            .snapshots
+            .iter()
+            .filter(|s| s.parent.is_none())
+            .collect();
+        for (i, root) in roots.iter().enumerate() {
+            draw(&mut out, record, root, "", i + 1 == roots.len(), true)?;
+        }
+        if record.current.is_none() {
+            writeln!(out, "(no current snapshot)")?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<2}{:<20} {:<20} {:<12} {:<10} {:<12} DESCRIPTION",
+        "", "NAME", "CREATED", "PARENT", "KIND", "DISKS"
+    )?;
+    for s in &record.snapshots {
+        let v = SnapshotView::new(record, s);
+        writeln!(
+            out,
+            "{:<2}{:<20} {:<20} {:<12} {:<10} {:<12} {}",
+            if v.current { "*" } else { "" },
+            v.name,
+            s.created.strftime("%Y-%m-%d %H:%M:%S"),
+            v.parent.unwrap_or("-"),
+            kind(s),
+            s.disks.keys().cloned().collect::<Vec<_>>().join(","),
+            v.description.unwrap_or("")
+        )?;
+    }
+    Ok(())
+}
+
+fn kind(s: &Snapshot) -> String {
+    serde_json::to_value(s.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn draw(
+    out: &mut impl Write,
+    record: &Record,
+    s: &Snapshot,
+    prefix: &str,
+    last: bool,
+    root: bool,
+) -> io::Result<()> {
+    let branch = if root {
+        ""
+    } else if last {
+        "└── "
+    } else {
+        "├── "
+    };
+    let marker = if record.current.as_deref() == Some(s.name.as_str()) {
+        "  <- current"
+    } else {
+        ""
+    };
+    writeln!(out, "{prefix}{branch}{}{marker}", s.name)?;
+    let children = record.children(&s.name);
+    let next = if root {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}{}", if last { "    " } else { "│   " })
+    };
+    for (i, c) in children.iter().enumerate() {
+        draw(out, record, c, &next, i + 1 == children.len(), false)?;
+    }
+    Ok(())
+}
+
+pub fn show(record: &Record, s: &Snapshot, as_json: bool) -> io::Result<()> {
+    let v = SnapshotView::new(record, s);
+    if as_json {
+        return json(&v);
+    }
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "name:        {}{}",
+        v.name,
+        if v.current { " (current)" } else { "" }
+    )?;
+    writeln!(out, "created:     {}", v.created)?;
+    writeln!(out, "parent:      {}", v.parent.unwrap_or("-"))?;
+    writeln!(out, "kind:        {}", kind(s))?;
+    writeln!(out, "description: {}", v.description.unwrap_or(""))?;
+    if !v.children.is_empty() {
+        writeln!(out, "children:    {}", v.children.join(", "))?;
+    }
+    for (disk, image) in &v.disks {
+        writeln!(out, "disk {disk}:    {}", image.image.display())?;
+    }
+    Ok(())
+}
+
+pub fn chain(view: &ChainView, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(view);
+    }
+    let mut out = io::stdout().lock();
+    for (disk, entries) in &view.disks {
+        writeln!(out, "{disk} (from {}):", view.source)?;
+        for e in entries {
+            let mut labels = Vec::new();
+            if e.active {
+                labels.push("active".to_owned());
+            }
+            if !e.snapshots.is_empty() {
+                labels.push(format!("holds {}", e.snapshots.join(", ")));
+            }
+            if !e.owned {
+                labels.push("foreign".to_owned());
+            }
+            writeln!(
+                out,
+                "  {} [{}] {}",
+                e.image.display(),
+                e.format,
+                labels.join("; ")
+            )?;
+        }
+    }
+    Ok(())
+}
+
+pub fn plan(steps: &[Step], as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(&json!({ "dry_run": true, "steps": steps }));
+    }
+    let mut out = io::stdout().lock();
+    for (i, step) in steps.iter().enumerate() {
+        writeln!(out, "{:>2}. {step}", i + 1)?;
+    }
+    writeln!(out, "(dry run: nothing was changed)")
+}
+
+pub fn created(plan: &CreatePlan, warnings: &[String], as_json: bool) -> io::Result<()> {
+    if as_json {
+        let disks: serde_json::Map<String, serde_json::Value> = plan
+            .disks
+            .iter()
+            .map(|d| {
+                (
+                    d.disk.clone(),
+                    json!({ "image": d.frozen, "overlay": d.overlay }),
+                )
+            })
+            .collect();
+        return json(&json!({
+            "snapshot": plan.name,
+            "parent": plan.parent,
+            "quiesced": plan.quiesce,
+            "disks": disks,
+            "warnings": warnings,
+        }));
+    }
+    let mut out = io::stdout().lock();
+    writeln!(out, "created snapshot {}", plan.name)?;
+    for d in &plan.disks {
+        writeln!(
+            out,
+            "  {}: froze {}, now writing {}",
+            d.disk,
+            d.frozen.display(),
+            d.overlay.display()
+        )?;
+    }
+    Ok(())
+}
+
+pub fn init(record: &Record, added: &[String], as_json: bool) -> io::Result<()> {
+    if as_json {
+        let disks: serde_json::Map<String, serde_json::Value> = record
+            .disks
+            .keys()
+            .map(|id| {
+                (
+                    id.clone(),
+                    json!({ "chain": record.chain(id), "added": added.contains(id) }),
+                )
+            })
+            .collect();
+        return json(&json!({ "vm": record.vm, "disks": disks }));
+    }
+    let mut out = io::stdout().lock();
+    writeln!(out, "registered {}", record.vm)?;
+    for id in record.disks.keys() {
+        let chain: Vec<String> = record
+            .chain(id)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        writeln!(
+            out,
+            "  {id}{}: {}",
+            if added.contains(id) { "" } else { " (known)" },
+            chain.join(" <- ")
+        )?;
+    }
+    Ok(())
+}
+
+pub fn check(drifts: &[Drift], changes: &[String], live: bool, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(&json!({ "qemu_running": live, "repaired": changes, "drift": drifts }));
+    }
+    let mut out = io::stdout().lock();
+    for c in changes {
+        writeln!(out, "repaired: {c}")?;
+    }
+    for d in drifts {
+        writeln!(out, "drift: {}", d.message)?;
+    }
+    if drifts.is_empty() {
+        writeln!(
+            out,
+            "no drift: record, {}image headers agree",
+            if live { "QEMU's graph and " } else { "" }
+        )?;
+    }
+    Ok(())
+}
