@@ -153,6 +153,10 @@ pub struct Job {
     id: String,
     events: Events,
     status: JobStatus,
+    /// The error carried by `BLOCK_JOB_COMPLETED`, kept because a job started
+    /// with QEMU's default `auto-dismiss: true` leaves `query-jobs` in the same
+    /// main-loop turn as it concludes, taking its `error` with it.
+    event_error: Option<String>,
 }
 
 impl Job {
@@ -162,6 +166,7 @@ impl Job {
             id: id.to_owned(),
             events,
             status,
+            event_error: None,
         }
     }
 
@@ -190,9 +195,13 @@ impl Job {
             .unwrap_or_default())
     }
 
-    /// The job's error text, if it failed (read while it is still listed).
+    /// The job's error text, if it failed: from `query-jobs` while the job is
+    /// listed, otherwise from the `BLOCK_JOB_COMPLETED` event seen while following it.
     pub async fn error(&self) -> Result<Option<String>> {
-        Ok(self.info().await?.and_then(|i| i.error))
+        Ok(match self.info().await? {
+            Some(info) => info.error.or_else(|| self.event_error.clone()),
+            None => self.event_error.clone(),
+        })
     }
 
     /// Re-reads the state from `query-jobs` (after a lag, or to attach).
@@ -246,14 +255,19 @@ impl Job {
                 });
             }
             match self.events.next().await {
-                Some(EventItem::Event(event)) => {
-                    if event.name == "JOB_STATUS_CHANGE"
-                        && event.str("id") == Some(&self.id)
-                        && let Some(status) = event.str("status")
-                    {
-                        self.status = status.parse().unwrap_or_else(|never| match never {});
+                Some(EventItem::Event(event)) => match event.name.as_str() {
+                    "JOB_STATUS_CHANGE" if event.str("id") == Some(&self.id) => {
+                        if let Some(status) = event.str("status") {
+                            self.status = status.parse().unwrap_or_else(|never| match never {});
+                        }
                     }
-                }
+                    "BLOCK_JOB_COMPLETED" if event.str("device") == Some(&self.id) => {
+                        if let Some(error) = event.str("error") {
+                            self.event_error = Some(error.to_owned());
+                        }
+                    }
+                    _ => {}
+                },
                 // Events were dropped for us: the truth is in query-jobs.
                 Some(EventItem::Lagged(_)) => self.refresh().await?,
                 Some(EventItem::Disconnected(reason)) => return Err(Error::Closed { reason }),
@@ -266,8 +280,10 @@ impl Job {
     pub async fn wait_concluded(&mut self, timeout: Duration) -> Result<Option<String>> {
         match self.wait_for(&[JobStatus::Concluded], timeout).await {
             Ok(_) => self.error().await,
-            // Dismissed behind our back (auto-dismiss): no error text to read.
-            Err(Error::Job { .. }) if self.status == JobStatus::Null => Ok(None),
+            // Dismissed behind our back (auto-dismiss): the event told us the outcome.
+            Err(Error::Job { .. }) if self.status == JobStatus::Null => {
+                Ok(self.event_error.clone())
+            }
             Err(e) => Err(e),
         }
     }
@@ -276,9 +292,7 @@ impl Job {
     /// a failure into [`Error::Job`] with QEMU's error text.
     pub async fn finish(&mut self, timeout: Duration) -> Result<()> {
         let error = self.wait_concluded(timeout).await?;
-        if self.status == JobStatus::Concluded {
-            self.dismiss().await?;
-        }
+        self.dismiss().await?;
         match error {
             Some(message) => Err(Error::Job {
                 id: self.id.clone(),
@@ -311,8 +325,15 @@ impl Job {
     }
 
     /// `job-dismiss`: remove a concluded job (and release the nodes it held).
+    /// A job QEMU already dismissed itself (`auto-dismiss: true`) counts as dismissed.
     pub async fn dismiss(&mut self) -> Result<()> {
-        self.verb("job-dismiss").await?;
+        match self.verb("job-dismiss").await {
+            Ok(()) => {}
+            Err(e) if self.status.is_finished() && self.info().await?.is_none() => {
+                tracing::debug!(job = %self.id, error = %e, "job was already dismissed");
+            }
+            Err(e) => return Err(e),
+        }
         self.status = JobStatus::Null;
         Ok(())
     }

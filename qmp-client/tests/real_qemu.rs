@@ -569,6 +569,69 @@ async fn failing_commit_reports_the_io_error() {
     assert!(image::read_pattern_ok(top, 0xa1, MIB, MIB));
 }
 
+/// With QEMU's default `auto-dismiss: true` the job leaves `query-jobs` as it
+/// concludes; its error must still be reported (from `BLOCK_JOB_COMPLETED`), and
+/// finishing it must not fail on the dismissal QEMU already did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_dismissed_jobs_still_report_their_outcome() {
+    let dir = WorkDir::new();
+    let chain = chain_images(&dir, &["base", "mid", "top"]);
+    let [base, mid, top] = [&chain[0], &chain[1], &chain[2]];
+    image::write_pattern(mid, 0xa1, MIB, MIB);
+    let qmp_socket = dir.join("qmp.sock");
+    let failing_base = json!({
+        "driver": "qcow2", "node-name": "base", "backing": null,
+        "file": {
+            "driver": "blkdebug",
+            "inject-error": [{"event": "pwritev", "errno": 5, "once": false}],
+            "image": {"driver": "file", "filename": base},
+        },
+    });
+    let mut qemu = QemuBuilder::new()
+        .log_dir(dir.path())
+        .blockdev(failing_base)
+        .blockdev(integration::qcow2_layer("mid", mid, Some("base")))
+        .blockdev(integration::qcow2_layer("top", top, Some("mid")))
+        .device("virtio-blk-pci,id=vda,drive=top")
+        .qmp(&qmp_socket)
+        .spawn()
+        .expect("start QEMU");
+    let client = connect(&qmp_socket).await;
+
+    let mut failing = client
+        .start_job_raw(
+            "auto-fails",
+            "block-commit",
+            json!({"job-id": "auto-fails", "device": "top", "top-node": "mid", "base-node": "base"}),
+        )
+        .await
+        .unwrap();
+    match failing.finish(LONG).await {
+        Err(Error::Job { id, message }) => {
+            assert_eq!(id, "auto-fails");
+            assert!(message.contains("Input/output error"), "{message}");
+        }
+        other => panic!("expected a job error, got {other:?}"),
+    }
+
+    // A stream that succeeds, auto-dismissed: finish() is Ok.
+    let mut streaming = client
+        .start_job_raw(
+            "auto-ok",
+            "block-stream",
+            // base is opened through blkdebug, so its name is a json: blob; write
+            // the plain path into top's header instead.
+            json!({"job-id": "auto-ok", "device": "top", "base-node": "base",
+                   "backing-file": base}),
+        )
+        .await
+        .unwrap();
+    streaming.finish(LONG).await.unwrap();
+    assert!(client.query_jobs().await.unwrap().is_empty());
+    quit(&client, &mut qemu).await;
+    assert!(image::read_pattern_ok(top, 0xa1, MIB, MIB));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_daemon_runs_an_intermediate_commit() {
     let dir = WorkDir::new();
