@@ -230,7 +230,9 @@ impl Client {
                 Err(_) => Err(Error::Timeout {
                     command: name.to_owned(),
                     after: limit,
-                    sent: sent.load(Ordering::Acquire),
+                    // Claims the command if the connection has not yet: it
+                    // then never writes it, so "never sent" stays true.
+                    sent: sent.swap(true, Ordering::AcqRel),
                 }),
             },
             None => exchange.instrument(span.clone()).await,

@@ -39,7 +39,10 @@ pub(crate) struct Request {
     /// Descriptors sent with SCM_RIGHTS on the same write as `line`.
     pub fds: Vec<OwnedFd>,
     pub reply: oneshot::Sender<Result<Value>>,
-    /// Set once the line reached the socket; tells "never sent" from "result unknown".
+    /// Tells "never sent" from "result unknown". Set by whichever comes first:
+    /// the connection, just before it starts writing the line (a write once
+    /// started is finished), or the caller when it times out. The connection
+    /// does not write a command whose caller set it.
     pub sent: Arc<AtomicBool>,
 }
 
@@ -216,7 +219,7 @@ impl Driver {
     }
 
     async fn send(&mut self, request: Request) -> Result<()> {
-        if request.reply.is_closed() {
+        if request.reply.is_closed() || request.sent.swap(true, Ordering::AcqRel) {
             // The caller gave up before the command reached the socket: it is
             // never sent, which is what the caller's "never sent" error said.
             return Ok(());
@@ -225,7 +228,6 @@ impl Driver {
         // QEMU never answers them; their late replies are discarded.
         self.pending.retain(|_, p| !p.reply.is_closed());
         self.writer.write_line(&request.line, &request.fds).await?;
-        request.sent.store(true, Ordering::Release);
         self.pending.insert(
             request.id,
             Pending {

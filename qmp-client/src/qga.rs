@@ -112,12 +112,17 @@ impl GuestAgent {
         self.reader.decoder_mut().skip_to_delimiter();
         let wait = async {
             loop {
-                if let Ok(v) = self.read_reply("guest-sync-delimited").await
-                    && v.as_i64() == Some(id)
-                {
-                    return Ok(());
+                match self.read_reply("guest-sync-delimited").await {
+                    Ok(v) if v.as_i64() == Some(id) => return Ok(()),
+                    // The stream is gone: waiting longer cannot help.
+                    Err(e @ (Error::Closed { .. } | Error::Io(_) | Error::LineTooLong { .. })) => {
+                        return Err(e);
+                    }
+                    // Anything else is stale output from before the sync (a late
+                    // reply, an answer to an earlier sync, garbage). Our answer
+                    // starts with 0xFF, so skip to the next one.
+                    _ => self.reader.decoder_mut().skip_to_delimiter(),
                 }
-                // Anything else is stale output from before the sync: skip it.
             }
         };
         match tokio::time::timeout(timeout, wait).await {
