@@ -205,6 +205,9 @@ impl Client {
 
     /// Runs an HMP command line through `human-monitor-command` and returns its
     /// text output (some commands, like `qemu-io`, print to QEMU's stdout instead).
+    ///
+    /// HMP reports its own failures as text, not as QMP errors: a failed HMP
+    /// command still returns `Ok` with output such as `"Error: …"`; check it.
     pub async fn hmp(&self, command_line: &str) -> Result<String> {
         let reply = self
             .execute_raw(
