@@ -140,6 +140,21 @@ struct DebugEdge {
     name: String,
 }
 
+/// Filter drivers sit above a format node and pass I/O to their `file` child.
+/// They hold no data: a disk's chain skips them, and its active image is the
+/// first format node below.
+fn is_filter(driver: &str) -> bool {
+    matches!(
+        driver,
+        "throttle"
+            | "copy-on-read"
+            | "preallocate"
+            | "compress"
+            | "copy-before-write"
+            | "snapshot-access"
+    )
+}
+
 /// Protocol drivers sit under a format node (`file` child); they are not layers.
 fn is_protocol(driver: &str) -> bool {
     matches!(
@@ -184,7 +199,7 @@ pub async fn read(client: &Client) -> Result<LiveGraph> {
     let blocks: Vec<BlockInfo> = decode("query-block", blocks?)?;
     let nodes: Vec<NodeInfo> = decode("query-named-block-nodes", nodes?)?;
     let backing_edges = match edges {
-        Ok(v) => Some(backing_edges(decode("x-debug-query-block-graph", v)?)),
+        Ok(v) => Some(child_edges(decode("x-debug-query-block-graph", v)?)),
         Err(e) if e.qmp_class() == Some("CommandNotFound") => None,
         Err(e) => return Err(e.into()),
     };
@@ -196,8 +211,11 @@ fn decode<T: serde::de::DeserializeOwned>(command: &str, value: Value) -> Result
         .map_err(|e| Error::Graph(format!("unexpected {command} reply: {e}")))
 }
 
-/// node name → name of its `backing` child.
-fn backing_edges(graph: DebugGraph) -> HashMap<String, String> {
+/// The children that make up a chain: (node, edge name) → child node, for
+/// `backing` edges and `file` edges (the latter matter below filters).
+type Edges = HashMap<(String, String), String>;
+
+fn child_edges(graph: DebugGraph) -> Edges {
     let names: HashMap<u64, &str> = graph
         .nodes
         .iter()
@@ -206,24 +224,25 @@ fn backing_edges(graph: DebugGraph) -> HashMap<String, String> {
     graph
         .edges
         .iter()
-        .filter(|e| e.name == "backing")
+        .filter(|e| e.name == "backing" || e.name == "file")
         .filter_map(|e| {
             Some((
-                names.get(&e.parent)?.to_string(),
+                (names.get(&e.parent)?.to_string(), e.name.clone()),
                 names.get(&e.child)?.to_string(),
             ))
         })
         .collect()
 }
 
-fn assemble(
-    blocks: Vec<BlockInfo>,
-    nodes: Vec<NodeInfo>,
-    edges: Option<HashMap<String, String>>,
-) -> LiveGraph {
+fn assemble(blocks: Vec<BlockInfo>, nodes: Vec<NodeInfo>, edges: Option<Edges>) -> LiveGraph {
+    let filters: HashMap<String, String> = nodes
+        .iter()
+        .filter(|n| is_filter(&n.drv))
+        .map(|n| (n.node_name.clone(), n.drv.clone()))
+        .collect();
     let layers: BTreeMap<String, (LiveLayer, Option<String>)> = nodes
         .into_iter()
-        .filter(|n| !is_protocol(&n.drv))
+        .filter(|n| !is_protocol(&n.drv) && !is_filter(&n.drv))
         .map(|n| {
             let layer = LiveLayer {
                 node: n.node_name.clone(),
@@ -238,7 +257,7 @@ fn assemble(
         .collect();
     let backing_of = |node: &str| -> Option<String> {
         match &edges {
-            Some(edges) => edges.get(node).cloned(),
+            Some(edges) => edges.get(&(node.to_owned(), "backing".to_owned())).cloned(),
             None => {
                 // Follow by file name: the node whose file QEMU resolved as our backing.
                 let (_, backing_file) = layers.get(node)?;
@@ -258,12 +277,18 @@ fn assemble(
         };
         let mut chain = Vec::new();
         let mut next = block.inserted.as_ref().map(|i| i.node_name.clone());
+        // Step down through filters above the active image (their `file` child);
+        // without the edge list there is no way to name that child, and the disk
+        // is then shown without a chain (not snapshottable).
+        while let Some(node) = next.clone().filter(|n| filters.contains_key(n)) {
+            next = edges
+                .as_ref()
+                .and_then(|e| e.get(&(node, "file".to_owned())).cloned());
+        }
         while let Some(node) = next {
             let Some((layer, _)) = layers.get(&node) else {
                 break;
             };
-            // A filter node (throttle, copy-on-read) has no file of its own
-            // worth recording; its child is what matters. Keep format layers only.
             chain.push(layer.clone());
             next = backing_of(&node);
             if chain.len() > 100_000 {
@@ -360,7 +385,10 @@ mod tests {
 
     #[test]
     fn chains_by_edges_and_skips_devices_without_id() {
-        let edges = HashMap::from([("top".to_string(), "base".to_string())]);
+        let edges = HashMap::from([(
+            ("top".to_string(), "backing".to_string()),
+            "base".to_string(),
+        )]);
         let g = assemble(blocks(), nodes(), Some(edges));
         let vda = &g.disks["vda"];
         let names: Vec<_> = vda.chain.iter().map(|l| l.node.as_str()).collect();

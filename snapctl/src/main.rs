@@ -281,7 +281,8 @@ async fn create(cli: &Cli, store: &Store, vm: &str, args: &CreateArgs) -> anyhow
     // Bad names fail before anything is opened.
     snapctl::names::validate_snapshot_name(&args.name)?;
     let lock = store.lock(vm, g.lock_wait)?;
-    let mut record = load_or_new(&lock, vm)?;
+    let before = lock.load()?;
+    let mut record = before.clone().unwrap_or_else(|| Record::new(vm));
     let socket = need_socket(g, Some(&record))?;
     let client = connect(&socket).await?;
     let live = graph::read(&client).await?;
@@ -335,7 +336,15 @@ async fn create(cli: &Cli, store: &Store, vm: &str, args: &CreateArgs) -> anyhow
     )
     .await;
     watcher.abort();
-    let warnings = result?;
+    let warnings = match result {
+        Ok(warnings) => warnings,
+        Err(e) => {
+            // Nothing was changed in QEMU or on disk: neither is the record,
+            // not even the registration this command would have added.
+            lock.restore(before.as_ref())?;
+            return Err(e.into());
+        }
+    };
     for w in &warnings {
         tracing::warn!("{w}");
     }

@@ -194,6 +194,26 @@ impl VmLock {
         read_record(&self.record_path, &self.vm)
     }
 
+    /// Puts the record file back as it was before an operation that failed:
+    /// `before` is the record as loaded then, `None` when there was none (the
+    /// file is removed, so a failed first `create` leaves no registration behind).
+    pub fn restore(&self, before: Option<&Record>) -> Result<()> {
+        match before {
+            Some(rec) => self.save(rec),
+            None => {
+                self.check_overwritable()?;
+                match fs::remove_file(&self.record_path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                    Err(e) => return Err(Error::io("remove record", &self.record_path, e)),
+                }
+                File::open(&self.dir)
+                    .and_then(|dir| dir.sync_all())
+                    .map_err(|e| Error::io("flush state directory", &self.dir, e))
+            }
+        }
+    }
+
     /// Writes `rec` as the VM's record, atomically and durably.
     ///
     /// The record is validated first and must be for this VM. It is written to a fresh
