@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::graph::LiveGraph;
 use crate::images;
-use crate::record::{Layer, Record};
+use crate::record::Record;
 
 /// One disagreement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -185,18 +185,7 @@ pub fn repair(record: &mut Record, live: Option<&LiveGraph>) -> Vec<String> {
         if pos == 0 {
             continue;
         }
-        for (i, layer) in disk.chain[..pos].iter().enumerate() {
-            record
-                .layers
-                .entry(layer.filename.clone())
-                .or_insert_with(|| Layer {
-                    format: layer.format.clone(),
-                    backing: disk.chain.get(i + 1).map(|b| b.filename.clone()),
-                    backing_string: layer.backing_string.clone(),
-                    owned: false,
-                    virtual_size: Some(layer.virtual_size),
-                });
-        }
+        crate::plan::adopt_chain(record, disk);
         let new_active = disk.chain[0].filename.clone();
         changes.push(format!(
             "{id}: adopted {} layer(s) QEMU opened on top of {}; active image is now {}",

@@ -56,29 +56,21 @@ fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>> {
 /// The chain of `image` read from the headers, the image itself first.
 /// Opens with `-U` (force-share), so it works while QEMU has the images open.
 pub fn backing_chain(image: &Path) -> Result<Vec<ImageInfo>> {
-    let out = qemu_img(&[
-        "info".as_ref(),
-        "--backing-chain".as_ref(),
-        "--output=json".as_ref(),
-        "-U".as_ref(),
-        image.as_os_str(),
-    ])?;
-    serde_json::from_slice(&out).map_err(|e| {
-        Error::Tool(format!(
-            "unexpected qemu-img info output for {}: {e}",
-            image.display()
-        ))
-    })
+    read_info(image, true)
 }
 
 /// One image's header.
 pub fn info(image: &Path) -> Result<ImageInfo> {
-    let out = qemu_img(&[
-        "info".as_ref(),
-        "--output=json".as_ref(),
-        "-U".as_ref(),
-        image.as_os_str(),
-    ])?;
+    read_info(image, false)
+}
+
+fn read_info<T: serde::de::DeserializeOwned>(image: &Path, chain: bool) -> Result<T> {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["info".as_ref()];
+    if chain {
+        args.push("--backing-chain".as_ref());
+    }
+    args.extend(["--output=json".as_ref(), "-U".as_ref(), image.as_os_str()]);
+    let out = qemu_img(&args)?;
     serde_json::from_slice(&out).map_err(|e| {
         Error::Tool(format!(
             "unexpected qemu-img info output for {}: {e}",

@@ -230,7 +230,8 @@ pub fn register(
 }
 
 /// Records the layers of a live chain that the record does not know, as foreign.
-fn adopt_chain(record: &mut Record, disk: &LiveDisk) {
+/// Layers the record knows are left as they are.
+pub(crate) fn adopt_chain(record: &mut Record, disk: &LiveDisk) {
     for (i, layer) in disk.chain.iter().enumerate() {
         record
             .layers
