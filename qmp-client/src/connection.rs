@@ -32,19 +32,25 @@ use crate::message::Incoming;
 
 /// A command on its way to the socket.
 pub(crate) struct Request {
-    pub id: u64,
     pub command: String,
-    /// The serialized command, newline included.
+    /// The serialized command without its closing `}`: the connection appends
+    /// `,"id":N}` and the newline once it has chosen the id.
     pub line: Vec<u8>,
     /// Descriptors sent with SCM_RIGHTS on the same write as `line`.
     pub fds: Vec<OwnedFd>,
     pub reply: oneshot::Sender<Result<Value>>,
+    /// Receives the id the command was sent with (for the caller's trace span).
+    pub span: tracing::Span,
     /// Tells "never sent" from "result unknown". Set by whichever comes first:
     /// the connection, just before it starts writing the line (a write once
     /// started is finished), or the caller when it times out. The connection
     /// does not write a command whose caller set it.
     pub sent: Arc<AtomicBool>,
 }
+
+/// Commands sent and not answered (including those whose callers gave up)
+/// beyond which QEMU is taken to have stopped answering.
+const MAX_UNANSWERED: usize = 4096;
 
 struct Pending {
     command: String,
@@ -224,12 +230,24 @@ impl Driver {
             // never sent, which is what the caller's "never sent" error said.
             return Ok(());
         }
-        // Forget calls whose callers gave up, so the map stays bounded even when
-        // QEMU never answers them; their late replies are discarded.
-        self.pending.retain(|_, p| !p.reply.is_closed());
-        self.writer.write_line(&request.line, &request.fds).await?;
+        // Ids are the smallest not in use. QEMU reads its monitor one byte at a
+        // time, so a short id makes every round trip measurably faster. Calls
+        // whose callers gave up stay in `pending` until QEMU answers them, so
+        // their ids are not reused and their late replies are discarded.
+        if self.pending.len() >= MAX_UNANSWERED {
+            return Err(Error::Protocol(format!(
+                "QEMU left {MAX_UNANSWERED} commands unanswered"
+            )));
+        }
+        let id = (1..)
+            .find(|id| !self.pending.contains_key(id))
+            .expect("fewer than u64::MAX commands are pending");
+        request.span.record("id", id);
+        let mut line = request.line;
+        line.extend_from_slice(format!(",\"id\":{id}}}\n").as_bytes());
+        self.writer.write_line(&line, &request.fds).await?;
         self.pending.insert(
-            request.id,
+            id,
             Pending {
                 command: request.command,
                 reply: request.reply,

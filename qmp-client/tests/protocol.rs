@@ -1302,3 +1302,72 @@ async fn guest_agent_closing_during_sync_is_reported_at_once() {
     );
     server.finish().await;
 }
+
+/// Ids are the smallest not in use, so requests stay short (QEMU reads its
+/// monitor a byte at a time), but the id of a command whose caller gave up is
+/// not reused until QEMU has answered it: its late reply can never reach
+/// another caller.
+#[tokio::test]
+async fn ids_are_short_and_never_reused_while_unanswered() {
+    let server = FakeServer::start(|mut peer| async move {
+        peer.handshake().await;
+        let first = peer.expect("first").await;
+        assert_eq!(first.id, json!(1));
+        peer.reply(&first.id, json!("one")).await;
+        // Reused: nothing is pending.
+        let slow = peer.expect("slow").await;
+        assert_eq!(slow.id, json!(1));
+        // The caller of `slow` gives up; the next command must not get id 1.
+        let next = peer.expect("next").await;
+        assert_eq!(next.id, json!(2));
+        peer.reply(&slow.id, json!("late")).await;
+        peer.reply(&next.id, json!("two")).await;
+        // Both answered: id 1 is free again.
+        let last = peer.expect("last").await;
+        assert_eq!(last.id, json!(1));
+        peer.reply(&last.id, json!("three")).await;
+    });
+    let (client, _connection) = connect(server.path(), config()).await;
+    assert_eq!(
+        client.execute_raw("first", Value::Null).await.unwrap(),
+        json!("one")
+    );
+    let err = client
+        .with_timeout(Some(Duration::from_millis(100)))
+        .execute_raw("slow", Value::Null)
+        .await
+        .unwrap_err();
+    assert!(err.result_unknown(), "{err}");
+    assert_eq!(
+        client.execute_raw("next", Value::Null).await.unwrap(),
+        json!("two")
+    );
+    assert_eq!(
+        client.execute_raw("last", Value::Null).await.unwrap(),
+        json!("three")
+    );
+    server.finish().await;
+}
+
+/// A typed command with no arguments is sent without an `arguments` member:
+/// the shortest request QEMU accepts.
+#[tokio::test]
+async fn empty_arguments_are_left_out() {
+    let server = FakeServer::start(|mut peer| async move {
+        peer.handshake().await;
+        let cmd = peer.expect("query-status").await;
+        assert_eq!(
+            String::from_utf8_lossy(&cmd.line).trim_end(),
+            r#"{"execute":"query-status","id":1}"#
+        );
+        peer.reply(
+            &cmd.id,
+            json!({"status": "paused", "running": false, "singlestep": false}),
+        )
+        .await;
+    });
+    let (client, _connection) = connect(server.path(), config()).await;
+    let status = client.execute(qapi::qmp::query_status {}).await.unwrap();
+    assert!(!status.running);
+    server.finish().await;
+}
