@@ -1,7 +1,9 @@
 //! Running a [`CreatePlan`]: the external snapshot of several disks at once.
 //!
-//! Order (QEMU-NOTES §2.2, §6): create the overlay files (snapctl writes their
-//! headers, never QEMU), `blockdev-add` them with no backing, optionally
+//! Order (QEMU-NOTES §2.2, §6): claim each overlay file (`O_EXCL`, never over
+//! an existing file), let QEMU write its qcow2 header with `blockdev-create`
+//! (the backing string is the frozen image's path as QEMU names it),
+//! `blockdev-add` the overlays with no backing, optionally
 //! freeze the guest's filesystems, one `transaction` of `blockdev-snapshot`
 //! actions (all disks or none), thaw in every path, then update the record.
 //! The journal entry is written before the first change; on failure every
@@ -21,6 +23,9 @@ use crate::images;
 use crate::plan::CreatePlan;
 use crate::record::Record;
 use crate::store::VmLock;
+
+/// Writing a qcow2 header is a few small writes; this only bounds a hung QEMU.
+const CREATE_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Set when the user asked to stop (SIGINT/SIGTERM). Operations check it at
 /// points where stopping leaves a consistent state.
@@ -150,8 +155,25 @@ async fn apply(
     undo: &mut Undo,
 ) -> Result<Vec<String>> {
     for d in &plan.disks {
-        images::create_overlay(&d.overlay, &d.frozen.to_string_lossy(), &d.frozen_format)?;
+        images::claim_file(&d.overlay)?;
         undo.files.push(d.overlay.clone());
+        client
+            .execute_raw("blockdev-add", CreatePlan::file_blockdev(d))
+            .await?;
+        undo.nodes.push(d.file_node.clone());
+    }
+    // Format every overlay at once: one job per disk, run concurrently.
+    let mut jobs = Vec::new();
+    for d in &plan.disks {
+        let args = CreatePlan::overlay_create(d);
+        jobs.push(
+            client
+                .start_job_raw(&d.create_job, "blockdev-create", args)
+                .await?,
+        );
+    }
+    for job in &mut jobs {
+        job.finish(CREATE_JOB_TIMEOUT).await?;
     }
     for d in &plan.disks {
         client

@@ -70,6 +70,9 @@ pub struct LiveGraph {
     /// Every format node by name (also those in no device's chain, e.g. nodes
     /// added by an interrupted operation).
     pub nodes: BTreeMap<String, LiveLayer>,
+    /// The names of all nodes, protocol and filter nodes included: names a new
+    /// node must not take.
+    pub node_names: std::collections::BTreeSet<String>,
 }
 
 impl LiveGraph {
@@ -235,6 +238,7 @@ fn child_edges(graph: DebugGraph) -> Edges {
 }
 
 fn assemble(blocks: Vec<BlockInfo>, nodes: Vec<NodeInfo>, edges: Option<Edges>) -> LiveGraph {
+    let node_names = nodes.iter().map(|n| n.node_name.clone()).collect();
     let filters: HashMap<String, String> = nodes
         .iter()
         .filter(|n| is_filter(&n.drv))
@@ -309,6 +313,7 @@ fn assemble(blocks: Vec<BlockInfo>, nodes: Vec<NodeInfo>, edges: Option<Edges>) 
         );
     }
     LiveGraph {
+        node_names,
         disks,
         nodes: layers.into_iter().map(|(k, (l, _))| (k, l)).collect(),
     }

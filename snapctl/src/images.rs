@@ -79,6 +79,23 @@ fn read_info<T: serde::de::DeserializeOwned>(image: &Path, chain: bool) -> Resul
     })
 }
 
+/// Creates an empty file at `path` with `O_CREAT|O_EXCL` and mode 0600: it
+/// fails when anything is there already, a symlink included (the link is not
+/// followed), so nothing is ever written over.
+pub fn claim_file(path: &Path) -> Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(|source| Error::Io {
+            action: "create overlay",
+            path: path.to_owned(),
+            source,
+        })
+}
+
 /// Creates a qcow2 overlay at `path` backed by `backing` (format `backing_format`),
 /// written into the header as `backing_string`.
 ///
@@ -86,16 +103,7 @@ fn read_info<T: serde::de::DeserializeOwned>(image: &Path, chain: bool) -> Resul
 /// (which also refuses a symlink planted there), and only then does `qemu-img`
 /// write the qcow2 header into the file we own. On failure the file is removed.
 pub fn create_overlay(path: &Path, backing_string: &str, backing_format: &str) -> Result<()> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| Error::Io {
-            action: "create overlay",
-            path: path.to_owned(),
-            source,
-        })?;
+    claim_file(path)?;
     let created = qemu_img(&[
         "create".as_ref(),
         "-q".as_ref(),
