@@ -100,6 +100,19 @@ pub enum Command {
         disk: Option<String>,
     },
 
+    /// Make a snapshot's state current: a fresh overlay on its frozen images. With QEMU
+    /// running the guest is reset onto it; with QEMU stopped, restart it with qemu-args.
+    Revert {
+        /// The snapshot.
+        name: String,
+        /// Leave the VM paused after the switch (live revert).
+        #[arg(long)]
+        paused: bool,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
     /// Print shell completions.
     Completions {
         /// The shell.

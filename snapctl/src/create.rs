@@ -58,15 +58,15 @@ impl Interrupt {
 
 /// What was changed so far, to undo on failure.
 #[derive(Debug, Default)]
-struct Undo {
-    files: Vec<PathBuf>,
-    nodes: Vec<String>,
+pub(crate) struct Undo {
+    pub(crate) files: Vec<PathBuf>,
+    pub(crate) nodes: Vec<String>,
     /// The transaction succeeded: the overlays are in use, nothing may be undone.
-    committed: bool,
+    pub(crate) committed: bool,
 }
 
 impl Undo {
-    async fn run(self, client: &Client) {
+    pub(crate) async fn run(self, client: &Client) {
         if self.committed {
             return;
         }

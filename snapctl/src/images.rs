@@ -79,6 +79,20 @@ fn read_info<T: serde::de::DeserializeOwned>(image: &Path, chain: bool) -> Resul
     })
 }
 
+/// Fails when a process (QEMU) holds `image` open for writing: offline
+/// operations must never touch images a running VM uses. This is `qemu-img
+/// info` without `-U`, which takes the shared lock QEMU's writer excludes.
+pub fn ensure_unlocked(image: &Path) -> Result<()> {
+    qemu_img(&["info".as_ref(), image.as_os_str()])
+        .map(drop)
+        .map_err(|e| {
+            Error::Drift(format!(
+                "{} is in use by another process (is QEMU still running?): {e}",
+                image.display()
+            ))
+        })
+}
+
 /// Creates an empty file at `path` with `O_CREAT|O_EXCL` and mode 0600: it
 /// fails when anything is there already, a symlink included (the link is not
 /// followed), so nothing is ever written over.

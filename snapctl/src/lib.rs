@@ -27,6 +27,7 @@ pub mod images;
 pub mod names;
 pub mod plan;
 pub mod record;
+pub mod revert;
 pub mod store;
 pub mod views;
 

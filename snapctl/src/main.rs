@@ -16,7 +16,7 @@ use qmp_client::{Client, GuestAgent};
 use snapctl::create::Interrupt;
 use snapctl::plan::{self, CreateOptions};
 use snapctl::record::Record;
-use snapctl::{Store, check, graph, views};
+use snapctl::{Store, check, graph, revert, views};
 
 use crate::cli::{Cli, Command, CreateArgs};
 
@@ -147,6 +147,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { repair } => check_cmd(&cli, &store, &vm, *repair).await,
+        Command::Revert {
+            name,
+            paused,
+            dry_run,
+        } => revert(&cli, &store, &vm, name, *paused, *dry_run).await,
         Command::QemuArgs { disk } => {
             let record = registered(&store, &vm)?;
             let args = views::qemu_args(&record, disk.as_deref());
@@ -407,4 +412,43 @@ async fn check_cmd(cli: &Cli, store: &Store, vm: &str, repair: bool) -> anyhow::
     } else {
         ExitCode::from(EXIT_DRIFT)
     })
+}
+
+async fn revert(
+    cli: &Cli,
+    store: &Store,
+    vm: &str,
+    name: &str,
+    paused: bool,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let g = &cli.global;
+    let lock = store.lock(vm, g.lock_wait)?;
+    let mut record = lock
+        .load()?
+        .ok_or_else(|| snapctl::Error::UnknownVm { vm: vm.to_owned() })?;
+    let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
+    let live = match &client {
+        Some(c) => Some(graph::read(c).await?),
+        None => None,
+    };
+    let plan = revert::plan(&record, live.as_ref(), name, paused)?;
+    if dry_run {
+        output::plan(&plan.steps(&record), g.json)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let interrupt = Interrupt::new();
+    let watcher = watch_signals(interrupt.clone());
+    let result = match &client {
+        Some(c) => revert::run_live(c, &lock, &mut record, &plan, &interrupt).await,
+        None => revert::run_offline(&lock, &mut record, &plan),
+    };
+    watcher.abort();
+    let warnings = result?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let args = (!plan.live).then(|| views::qemu_args(&record, None));
+    output::reverted(&plan, args.as_deref(), &warnings, g.json)?;
+    Ok(ExitCode::SUCCESS)
 }

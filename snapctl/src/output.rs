@@ -254,3 +254,48 @@ pub fn check(drifts: &[Drift], changes: &[String], live: bool, as_json: bool) ->
     }
     Ok(())
 }
+
+pub fn reverted(
+    plan: &snapctl::revert::RevertPlan,
+    qemu_args: Option<&[String]>,
+    warnings: &[String],
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        let disks: serde_json::Map<String, serde_json::Value> = plan
+            .disks
+            .iter()
+            .map(|d| {
+                (
+                    d.disk.clone(),
+                    json!({ "image": d.frozen, "overlay": d.overlay }),
+                )
+            })
+            .collect();
+        return json(&json!({
+            "snapshot": plan.snapshot,
+            "live": plan.live,
+            "paused": plan.live && plan.paused,
+            "disks": disks,
+            "qemu_args": qemu_args,
+            "warnings": warnings,
+        }));
+    }
+    let mut out = io::stdout().lock();
+    writeln!(out, "reverted to {}", plan.snapshot)?;
+    for d in &plan.disks {
+        writeln!(
+            out,
+            "  {}: now writing {} (on {})",
+            d.disk,
+            d.overlay.display(),
+            d.frozen.display()
+        )?;
+    }
+    if let Some(args) = qemu_args {
+        let line: Vec<String> = args.iter().map(|a| views::shell_quote(a)).collect();
+        writeln!(out, "QEMU is not running; start it with:")?;
+        writeln!(out, "{}", line.join(" "))?;
+    }
+    Ok(())
+}
