@@ -113,6 +113,29 @@ pub enum Command {
         dry_run: bool,
     },
 
+    /// Remove a snapshot, merging its layer away when that is safe (commit the newer
+    /// delta down or stream the older one up, whichever copies less and writes no
+    /// foreign or shared image); otherwise keep the layer and say why.
+    Delete {
+        /// The snapshot.
+        name: String,
+        /// Also delete every snapshot descended from it.
+        #[arg(long)]
+        children: bool,
+        /// Only drop the name; leave every image as it is.
+        #[arg(long)]
+        metadata_only: bool,
+        /// Limit each merge job to RATE bytes per second (e.g. 50M, 1G).
+        #[arg(long, value_name = "RATE", value_parser = rate)]
+        bandwidth: Option<u64>,
+        /// Cancel a merge that has not finished after this many seconds.
+        #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+        timeout: Option<Duration>,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -151,6 +174,24 @@ pub struct CreateArgs {
     /// Print the plan (files and QMP commands, in order) and change nothing.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// `50M`, `1G`, `512K`, `1000` (bytes per second; binary multiples).
+fn rate(s: &str) -> Result<u64, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate like 50M"))?;
+    let mult: u64 = match unit {
+        "" | "B" => 1,
+        "K" | "k" => 1 << 10,
+        "M" | "m" => 1 << 20,
+        "G" | "g" => 1 << 30,
+        _ => return Err(format!("{s:?} is not a rate like 50M")),
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} is not a usable rate"))
 }
 
 fn overlay(s: &str) -> Result<(String, PathBuf), String> {

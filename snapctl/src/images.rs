@@ -79,6 +79,54 @@ fn read_info<T: serde::de::DeserializeOwned>(image: &Path, chain: bool) -> Resul
     })
 }
 
+/// Commits `top` into `base` (its backing, or lower in its chain), offline.
+/// `top` is left as it was (`-d`): it is about to be removed anyway.
+pub fn commit(top: &Path, base: &Path) -> Result<()> {
+    qemu_img(&[
+        "commit".as_ref(),
+        "-q".as_ref(),
+        "-d".as_ref(),
+        "-b".as_ref(),
+        base.as_os_str(),
+        top.as_os_str(),
+    ])
+    .map(drop)
+}
+
+/// Rewrites `image`'s backing string only (`qemu-img rebase -u`): for an image
+/// whose backing now holds exactly the same data under another name.
+pub fn rebase_unsafe(image: &Path, backing: &Path, backing_format: &str) -> Result<()> {
+    qemu_img(&[
+        "rebase".as_ref(),
+        "-q".as_ref(),
+        "-u".as_ref(),
+        "-b".as_ref(),
+        backing.as_os_str(),
+        "-F".as_ref(),
+        backing_format.as_ref(),
+        image.as_os_str(),
+    ])
+    .map(drop)
+}
+
+/// Moves `image` onto `backing` (`None`: no backing at all), copying into
+/// `image` whatever differs, so what `image` shows is unchanged: the offline
+/// equivalent of `block-stream`.
+pub fn rebase_safe(image: &Path, backing: Option<&Path>, backing_format: &str) -> Result<()> {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["rebase".as_ref(), "-q".as_ref()];
+    match backing {
+        Some(b) => args.extend::<[&std::ffi::OsStr; 4]>([
+            "-b".as_ref(),
+            b.as_os_str(),
+            "-F".as_ref(),
+            backing_format.as_ref(),
+        ]),
+        None => args.extend::<[&std::ffi::OsStr; 2]>(["-b".as_ref(), "".as_ref()]),
+    }
+    args.push(image.as_os_str());
+    qemu_img(&args).map(drop)
+}
+
 /// Fails when a process (QEMU) holds `image` open for writing: offline
 /// operations must never touch images a running VM uses. This is `qemu-img
 /// info` without `-U`, which takes the shared lock QEMU's writer excludes.

@@ -21,6 +21,7 @@
 
 pub mod check;
 pub mod create;
+pub mod delete;
 pub mod error;
 pub mod graph;
 pub mod images;

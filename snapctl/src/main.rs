@@ -147,6 +147,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { repair } => check_cmd(&cli, &store, &vm, *repair).await,
+        Command::Delete {
+            name,
+            children,
+            metadata_only,
+            bandwidth,
+            timeout,
+            dry_run,
+        } => {
+            let options = snapctl::delete::JobOptions {
+                bandwidth: bandwidth.unwrap_or(0),
+                timeout: *timeout,
+            };
+            delete(
+                &cli,
+                &store,
+                &vm,
+                name,
+                *children,
+                *metadata_only,
+                &options,
+                *dry_run,
+            )
+            .await
+        }
         Command::Revert {
             name,
             paused,
@@ -450,5 +474,69 @@ async fn revert(
     }
     let args = (!plan.live).then(|| views::qemu_args(&record, None));
     output::reverted(&plan, args.as_deref(), &warnings, g.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn delete(
+    cli: &Cli,
+    store: &Store,
+    vm: &str,
+    name: &str,
+    children: bool,
+    metadata_only: bool,
+    options: &snapctl::delete::JobOptions,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let g = &cli.global;
+    let lock = store.lock(vm, g.lock_wait)?;
+    let mut record = lock
+        .load()?
+        .ok_or_else(|| snapctl::Error::UnknownVm { vm: vm.to_owned() })?;
+    if record.snapshot(name).is_none() {
+        return Err(snapctl::Error::UnknownSnapshot {
+            vm: vm.to_owned(),
+            name: name.to_owned(),
+        }
+        .into());
+    }
+    let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
+    let targets = if children {
+        snapctl::delete::with_descendants(&record, name)
+    } else {
+        vec![name.to_owned()]
+    };
+    let mut reports = Vec::new();
+    for target in &targets {
+        let live = match &client {
+            Some(c) => Some(graph::read(c).await?),
+            None => None,
+        };
+        let plan = snapctl::delete::plan(&record, live.as_ref(), target, metadata_only)?;
+        if dry_run {
+            if g.json {
+                reports.push(snapctl::delete::to_json(&plan));
+            } else {
+                output::plan(&plan.steps(), false)?;
+            }
+            continue;
+        }
+        let lines =
+            snapctl::delete::run(client.as_ref(), &lock, &mut record, &plan, options).await?;
+        if g.json {
+            let mut v = snapctl::delete::to_json(&plan);
+            v["report"] = lines.into();
+            reports.push(v);
+        } else {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "deleted snapshot {target}")?;
+            for l in lines {
+                writeln!(out, "  {l}")?;
+            }
+        }
+    }
+    if g.json {
+        output::json(&serde_json::json!({ "dry_run": dry_run, "deleted": reports }))?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,494 @@
+//! `delete`: remove a snapshot and, when it is safe, merge its boundary away.
+//!
+//! Snapshot S froze image F on each disk; the layer directly on top of F (C)
+//! holds what was written after S. Deleting S means F and C no longer need to
+//! be separate. Two merges exist (QEMU-NOTES §4):
+//!
+//! - commit C down into F: F is written, so F must be owned by snapctl, held
+//!   by no other snapshot, and C must be F's only dependent (another branch on
+//!   F would be corrupted). C then disappears; whatever pointed at C points at F.
+//! - stream F up into C: C is written, but what C shows does not change, so
+//!   this is safe whoever depends on C; C must be owned (foreign images are
+//!   never written). F then drops out of C's chain.
+//!
+//! Of the safe ones, the merge that copies fewer allocated bytes is chosen.
+//! When none is safe (F is a branch point, or both are foreign), the name is
+//! dropped, the layer kept, and the reason said. Live, the merges are QEMU
+//! block jobs started with `auto-finalize: false` and finalized together, so
+//! a multi-disk delete changes all disks' graphs or none; offline they are
+//! `qemu-img commit` / `qemu-img rebase`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qmp_client::{Client, Job, JobStatus};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::graph::LiveGraph;
+use crate::images;
+use crate::names;
+use crate::plan::Step;
+use crate::record::Record;
+use crate::revert::{delete_unused_nodes, prune, refuse_running_jobs, remove_files};
+use crate::store::VmLock;
+
+/// How one disk's boundary is merged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "merge", rename_all = "kebab-case")]
+pub enum Merge {
+    /// Commit `top` (the layer above the frozen image) into `base` (the frozen image).
+    Commit { top: PathBuf, base: PathBuf },
+    /// Stream `from` (the frozen image) into `into` (the layer above it).
+    Stream { from: PathBuf, into: PathBuf },
+    /// Nothing to merge: the frozen image has no layer above it.
+    Drop,
+    /// No safe merge: the layer stays.
+    Keep { reason: String },
+}
+
+/// One disk's part of a delete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiskDelete {
+    pub disk: String,
+    pub frozen: PathBuf,
+    pub merge: Merge,
+    /// Whether the merge runs in QEMU (its layers are open there).
+    pub live: bool,
+}
+
+/// A planned delete of one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeletePlan {
+    pub snapshot: String,
+    pub disks: Vec<DiskDelete>,
+}
+
+/// Allocated bytes of an image file: what a merge out of it copies, roughly.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(u64::MAX, |m| m.blocks() * 512)
+}
+
+/// Plans deleting `name`. With `metadata_only` no merge is planned.
+pub fn plan(
+    record: &Record,
+    live: Option<&LiveGraph>,
+    name: &str,
+    metadata_only: bool,
+) -> Result<DeletePlan> {
+    let snapshot = record
+        .snapshot(name)
+        .ok_or_else(|| Error::UnknownSnapshot {
+            vm: record.vm.clone(),
+            name: name.to_owned(),
+        })?;
+    let mut disks = Vec::new();
+    for (disk, sd) in &snapshot.disks {
+        let f = &sd.image;
+        let merge = if metadata_only {
+            Merge::Keep {
+                reason: "--metadata-only".into(),
+            }
+        } else {
+            choose(record, name, f)
+        };
+        let live_merge = match (&merge, live) {
+            (Merge::Commit { top, base }, Some(g))
+            | (
+                Merge::Stream {
+                    from: base,
+                    into: top,
+                },
+                Some(g),
+            ) => adjacent_in_device(g, top, base),
+            _ => false,
+        };
+        disks.push(DiskDelete {
+            disk: disk.clone(),
+            frozen: f.clone(),
+            merge,
+            live: live_merge,
+        });
+    }
+    Ok(DeletePlan {
+        snapshot: name.to_owned(),
+        disks,
+    })
+}
+
+/// Whether `top` sits directly on `base` in some device's live chain.
+fn adjacent_in_device(graph: &LiveGraph, top: &Path, base: &Path) -> bool {
+    graph.disks.values().any(|d| {
+        d.chain
+            .windows(2)
+            .any(|w| w[0].filename == top && w[1].filename == base)
+    })
+}
+
+fn choose(record: &Record, name: &str, f: &Path) -> Merge {
+    let others: Vec<&str> = record
+        .snapshots_holding(f)
+        .into_iter()
+        .filter(|s| *s != name)
+        .collect();
+    if !others.is_empty() {
+        return Merge::Keep {
+            reason: format!("{} also holds {}", others.join(", "), f.display()),
+        };
+    }
+    let dependents = record.dependents(f);
+    let c = match dependents.as_slice() {
+        [] => return Merge::Drop,
+        [c] => c.to_path_buf(),
+        many => {
+            return Merge::Keep {
+                reason: format!(
+                    "{} is the base of {} branches; merging would change them",
+                    f.display(),
+                    many.len()
+                ),
+            };
+        }
+    };
+    let owned = |p: &Path| record.layers.get(p).is_some_and(|l| l.owned);
+    let commit_ok = owned(f) && record.dependents(&c).len() <= 1;
+    let stream_ok = owned(&c);
+    let commit = Merge::Commit {
+        top: c.clone(),
+        base: f.to_path_buf(),
+    };
+    let stream = Merge::Stream {
+        from: f.to_path_buf(),
+        into: c.clone(),
+    };
+    match (commit_ok, stream_ok) {
+        (true, true) if allocated(&c) <= allocated(f) => commit,
+        (true, true) => stream,
+        (true, false) => commit,
+        (false, true) => stream,
+        (false, false) => Merge::Keep {
+            reason: format!(
+                "{} and {} are not snapctl's to write",
+                f.display(),
+                c.display()
+            ),
+        },
+    }
+}
+
+impl DeletePlan {
+    /// The ordered steps, for `--dry-run`.
+    pub fn steps(&self) -> Vec<Step> {
+        let mut steps = Vec::new();
+        for d in &self.disks {
+            let how = if d.live { "QEMU job" } else { "qemu-img" };
+            let change = match &d.merge {
+                Merge::Commit { top, base } => format!(
+                    "{}: commit {} into {} ({how})",
+                    d.disk,
+                    top.display(),
+                    base.display()
+                ),
+                Merge::Stream { from, into } => format!(
+                    "{}: stream {} into {} ({how})",
+                    d.disk,
+                    from.display(),
+                    into.display()
+                ),
+                Merge::Drop => format!("{}: nothing to merge above {}", d.disk, d.frozen.display()),
+                Merge::Keep { reason } => {
+                    format!("{}: keep {} ({reason})", d.disk, d.frozen.display())
+                }
+            };
+            steps.push(Step::Record { change });
+        }
+        steps.push(Step::Record {
+            change: format!(
+                "remove snapshot {}; remove files nothing needs",
+                self.snapshot
+            ),
+        });
+        steps
+    }
+
+    /// Lines for the user: what happened to each disk.
+    pub fn summary(&self) -> Vec<String> {
+        self.steps().into_iter().map(|s| s.to_string()).collect()
+    }
+}
+
+/// The record after the merges and the removal of the snapshot. Returns the
+/// owned files nothing needs any more.
+fn apply(record: &mut Record, plan: &DeletePlan) -> Vec<PathBuf> {
+    for d in &plan.disks {
+        match &d.merge {
+            Merge::Commit { top, base } => {
+                for layer in record.layers.values_mut() {
+                    if layer.backing.as_deref() == Some(top) {
+                        layer.backing = Some(base.clone());
+                        layer.backing_string = Some(base.display().to_string());
+                    }
+                }
+                for s in &mut record.snapshots {
+                    for sd in s.disks.values_mut() {
+                        if sd.image == *top {
+                            sd.image = base.clone();
+                        }
+                    }
+                }
+                for disk in record.disks.values_mut() {
+                    if disk.active == *top {
+                        disk.active = base.clone();
+                    }
+                }
+                // `top` is no longer in any chain; prune drops it (and its file).
+            }
+            Merge::Stream { from, into } => {
+                let below = record.layers.get(from).and_then(|l| l.backing.clone());
+                if let Some(layer) = record.layers.get_mut(into) {
+                    layer.backing_string = below.as_ref().map(|b| b.display().to_string());
+                    layer.backing = below;
+                }
+            }
+            Merge::Drop | Merge::Keep { .. } => {}
+        }
+    }
+    let removed = plan.snapshot.as_str();
+    let parent = record.snapshot(removed).and_then(|s| s.parent.clone());
+    for s in &mut record.snapshots {
+        if s.parent.as_deref() == Some(removed) {
+            s.parent = parent.clone();
+        }
+    }
+    if record.current.as_deref() == Some(removed) {
+        record.current = parent;
+    }
+    record.snapshots.retain(|s| s.name != removed);
+    prune(record)
+}
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Options for the merge jobs.
+#[derive(Debug, Clone, Default)]
+pub struct JobOptions {
+    /// Bytes per second, 0 for unlimited.
+    pub bandwidth: u64,
+    /// Give up on an active commit that does not converge after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// Runs a delete. `client` is QEMU's when it runs. Returns lines to report.
+pub async fn run(
+    client: Option<&Client>,
+    lock: &VmLock,
+    record: &mut Record,
+    plan: &DeletePlan,
+    options: &JobOptions,
+) -> Result<Vec<String>> {
+    if let Some(c) = client {
+        refuse_running_jobs(c).await?;
+    }
+    // Offline merges write images: make sure no process holds them.
+    for d in plan.disks.iter().filter(|d| !d.live) {
+        match &d.merge {
+            Merge::Commit { base, .. } => images::ensure_unlocked(base)?,
+            Merge::Stream { into, .. } => images::ensure_unlocked(into)?,
+            Merge::Drop | Merge::Keep { .. } => {}
+        }
+    }
+    let journal = lock.begin(
+        record,
+        "delete",
+        serde_json::to_value(plan).unwrap_or_default(),
+    )?;
+    let live: Vec<&DiskDelete> = plan.disks.iter().filter(|d| d.live).collect();
+    if !live.is_empty() {
+        let client = client.expect("live merges need QEMU");
+        if let Err(e) = run_jobs(client, record, plan, &live, options).await {
+            lock.resolve(record, journal)?;
+            return Err(e);
+        }
+    }
+    for d in plan.disks.iter().filter(|d| !d.live) {
+        if let Err(e) = merge_offline(record, d) {
+            lock.resolve(record, journal)?;
+            return Err(e);
+        }
+    }
+    let files = apply(record, plan);
+    lock.resolve(record, journal)?;
+    let graph = match client {
+        Some(c) => Some(crate::graph::read(c).await?),
+        None => None,
+    };
+    let mut lines = plan.summary();
+    lines.extend(remove_files(&files, graph.as_ref()));
+    Ok(lines)
+}
+
+async fn run_jobs(
+    client: &Client,
+    record: &Record,
+    plan: &DeletePlan,
+    disks: &[&DiskDelete],
+    options: &JobOptions,
+) -> Result<()> {
+    let graph = crate::graph::read(client).await?;
+    let mut jobs: Vec<(Job, bool)> = Vec::new();
+    let mut stale_nodes = Vec::new();
+    let node_of = |p: &Path| {
+        graph
+            .node_for(p)
+            .map(|l| l.node.clone())
+            .ok_or_else(|| Error::Drift(format!("{} is not open in QEMU", p.display())))
+    };
+    for d in disks {
+        let id = names::node_name("sd", &d.disk, &plan.snapshot, 0);
+        let device = graph
+            .disks
+            .get(&d.disk)
+            .and_then(|x| x.active())
+            .map(|a| a.node.clone())
+            .ok_or_else(|| Error::Drift(format!("QEMU has no disk {}", d.disk)))?;
+        let (command, mut args, active) = match &d.merge {
+            Merge::Commit { top, base } => {
+                let top_node = node_of(top)?;
+                stale_nodes.push(top_node.clone());
+                let active = top_node == device;
+                let mut args = json!({
+                    "job-id": id, "device": device,
+                    "top-node": top_node, "base-node": node_of(base)?,
+                });
+                if !active {
+                    args["backing-file"] = base.display().to_string().into();
+                }
+                ("block-commit", args, active)
+            }
+            Merge::Stream { from, into } => {
+                stale_nodes.push(node_of(from)?);
+                let mut args = json!({ "job-id": id, "device": node_of(into)? });
+                if let Some(below) = record.layers.get(from).and_then(|l| l.backing.clone()) {
+                    args["base-node"] = node_of(&below)?.into();
+                    args["backing-file"] = below.display().to_string().into();
+                }
+                ("block-stream", args, false)
+            }
+            Merge::Drop | Merge::Keep { .. } => continue,
+        };
+        args["auto-finalize"] = false.into();
+        args["auto-dismiss"] = false.into();
+        if options.bandwidth > 0 {
+            args["speed"] = options.bandwidth.into();
+        }
+        let started = client.start_job_raw(&id, command, args).await;
+        match started {
+            Ok(job) => jobs.push((job, active)),
+            Err(e) => {
+                cancel_all(&mut jobs).await;
+                return Err(e.into());
+            }
+        }
+    }
+    // Drive every job to `pending`; active commits pass through `ready`.
+    let limit = options.timeout.unwrap_or(JOB_TIMEOUT);
+    let mut failure = None;
+    for (job, active) in &mut jobs {
+        let reached = async {
+            if *active {
+                job.wait_for(&[JobStatus::Ready], limit).await?;
+                job.complete().await?;
+            }
+            job.wait_for(&[JobStatus::Pending], limit).await
+        }
+        .await;
+        if let Err(e) = reached {
+            failure = Some(e);
+            break;
+        }
+    }
+    if let Some(e) = failure {
+        cancel_all(&mut jobs).await;
+        return Err(match e {
+            qmp_client::Error::WaitTimeout { .. } => Error::Drift(format!(
+                "the merge did not finish in time and was cancelled ({e}); the chain is unchanged, but a commit may have written part of its data into the lower image already"
+            )),
+            e => e.into(),
+        });
+    }
+    // The point of no return, for all disks together.
+    for (job, _) in &jobs {
+        job.finalize().await?;
+    }
+    let mut errors = Vec::new();
+    for (job, _) in &mut jobs {
+        if let Err(e) = job.finish(limit).await {
+            errors.push(e.to_string());
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Error::Drift(errors.join("; ")));
+    }
+    delete_unused_nodes(client, &stale_nodes).await;
+    Ok(())
+}
+
+async fn cancel_all(jobs: &mut [(Job, bool)]) {
+    for (job, _) in jobs.iter() {
+        let _ = job.cancel().await;
+    }
+    for (job, _) in jobs.iter_mut() {
+        let _ = job.wait_concluded(Duration::from_secs(60)).await;
+        let _ = job.dismiss().await;
+    }
+}
+
+fn merge_offline(record: &Record, d: &DiskDelete) -> Result<()> {
+    match &d.merge {
+        Merge::Commit { top, base } => {
+            images::commit(top, base)?;
+            let format = record
+                .layers
+                .get(base)
+                .map_or("qcow2", |l| l.format.as_str());
+            for dependent in record.dependents(top) {
+                images::rebase_unsafe(dependent, base, format)?;
+            }
+            Ok(())
+        }
+        Merge::Stream { from, into } => {
+            let below = record.layers.get(from).and_then(|l| l.backing.clone());
+            let format = below
+                .as_ref()
+                .and_then(|b| record.layers.get(b))
+                .map_or("qcow2", |l| l.format.as_str());
+            images::rebase_safe(into, below.as_deref(), format)
+        }
+        Merge::Drop | Merge::Keep { .. } => Ok(()),
+    }
+}
+
+/// The snapshots `--children` removes with `name`, deepest first, `name` last.
+pub fn with_descendants(record: &Record, name: &str) -> Vec<String> {
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    fn visit(record: &Record, name: &str, order: &mut Vec<String>, seen: &mut BTreeSet<String>) {
+        if !seen.insert(name.to_owned()) {
+            return;
+        }
+        for child in record.children(name) {
+            visit(record, &child.name, order, seen);
+        }
+        order.push(name.to_owned());
+    }
+    visit(record, name, &mut order, &mut seen);
+    order
+}
+
+/// For `--json`.
+pub fn to_json(plan: &DeletePlan) -> Value {
+    serde_json::to_value(plan).unwrap_or_default()
+}
