@@ -136,6 +136,15 @@ pub enum Command {
         dry_run: bool,
     },
 
+    /// List QEMU's jobs with their progress.
+    Jobs,
+
+    /// Act on one of QEMU's jobs.
+    Job {
+        #[command(subcommand)]
+        action: JobAction,
+    },
+
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -202,4 +211,22 @@ fn overlay(s: &str) -> Result<(String, PathBuf), String> {
         return Err(format!("{s:?} is not ID=PATH"));
     }
     Ok((id.to_owned(), PathBuf::from(path)))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobAction {
+    /// Cancel a job and wait until it has concluded (a cancelled commit may already
+    /// have written part of its data into the lower image).
+    Cancel {
+        /// The job id (see `snapctl jobs`).
+        id: String,
+    },
+    /// Wait until a job has concluded; fails with the job's error if it failed.
+    Wait {
+        /// The job id (see `snapctl jobs`).
+        id: String,
+        /// Give up waiting after this many seconds (the job keeps running).
+        #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+        timeout: Option<Duration>,
+    },
 }

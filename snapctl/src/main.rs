@@ -18,7 +18,7 @@ use snapctl::plan::{self, CreateOptions};
 use snapctl::record::Record;
 use snapctl::{Store, check, graph, revert, views};
 
-use crate::cli::{Cli, Command, CreateArgs};
+use crate::cli::{Cli, Command, CreateArgs, JobAction};
 
 /// Exit status when `check` finds drift.
 const EXIT_DRIFT: u8 = 3;
@@ -170,6 +170,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 *dry_run,
             )
             .await
+        }
+        Command::Jobs => {
+            let record = registered(&store, &vm)?;
+            let client = connect(&need_socket(g, Some(&record))?).await?;
+            let jobs = client.query_jobs().await?;
+            output::jobs(&jobs, g.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Job { action } => {
+            let record = registered(&store, &vm)?;
+            let client = connect(&need_socket(g, Some(&record))?).await?;
+            job_action(&client, action, g.json).await
         }
         Command::Revert {
             name,
@@ -539,4 +551,40 @@ async fn delete(
         output::json(&serde_json::json!({ "dry_run": dry_run, "deleted": reports }))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn job_action(
+    client: &Client,
+    action: &JobAction,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let (id, timeout, cancel) = match action {
+        JobAction::Cancel { id } => (id, Some(Duration::from_secs(300)), true),
+        JobAction::Wait { id, timeout } => (id, *timeout, false),
+    };
+    let mut job = client.attach_job(id).await?;
+    if *job.status() == qmp_client::JobStatus::Null {
+        bail!("QEMU has no job {id}");
+    }
+    if cancel {
+        job.cancel().await?;
+    }
+    let limit = timeout.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    let error = job.wait_concluded(limit).await?;
+    if as_json {
+        output::json(
+            &serde_json::json!({ "id": id, "status": job.status().to_string(), "error": error }),
+        )?;
+    } else {
+        writeln!(
+            std::io::stdout(),
+            "job {id} {}{}",
+            if cancel { "cancelled, " } else { "" },
+            job.status()
+        )?;
+    }
+    match error {
+        Some(e) if !cancel => bail!("job {id} failed: {e}"),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }

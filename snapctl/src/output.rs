@@ -299,3 +299,47 @@ pub fn reverted(
     }
     Ok(())
 }
+
+pub fn jobs(jobs: &[qmp_client::JobInfo], as_json: bool) -> io::Result<()> {
+    if as_json {
+        let list: Vec<serde_json::Value> = jobs
+            .iter()
+            .map(|j| {
+                json!({
+                    "id": j.id, "type": j.kind, "status": j.status.to_string(),
+                    "current": j.current_progress, "total": j.total_progress, "error": j.error,
+                })
+            })
+            .collect();
+        return json(&json!({ "jobs": list }));
+    }
+    let mut out = io::stdout().lock();
+    if jobs.is_empty() {
+        return writeln!(out, "no jobs");
+    }
+    writeln!(
+        out,
+        "{:<24} {:<8} {:<10} {:>9}  ERROR",
+        "ID", "TYPE", "STATUS", "PROGRESS"
+    )?;
+    for j in jobs {
+        let pct = if j.total_progress > 0 {
+            format!(
+                "{:.1}%",
+                100.0 * j.current_progress as f64 / j.total_progress as f64
+            )
+        } else {
+            "-".to_owned()
+        };
+        writeln!(
+            out,
+            "{:<24} {:<8} {:<10} {:>9}  {}",
+            j.id,
+            j.kind,
+            j.status,
+            pct,
+            j.error.as_deref().unwrap_or("")
+        )?;
+    }
+    Ok(())
+}
