@@ -272,13 +272,47 @@ fn apply(record: &mut Record, plan: &DeletePlan) -> Vec<PathBuf> {
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
+/// A merge job's progress, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    pub job: String,
+    pub current: u64,
+    pub total: u64,
+}
+
+/// Receives progress updates (the binary draws a bar or prints JSON lines).
+pub type ProgressFn = std::sync::Arc<dyn Fn(&Progress) + Send + Sync>;
+
 /// Options for the merge jobs.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct JobOptions {
     /// Bytes per second, 0 for unlimited.
     pub bandwidth: u64,
-    /// Give up on an active commit that does not converge after this long.
+    /// Give up on a merge (an active commit that cannot converge under heavy
+    /// guest writes, say) after this long: it is cancelled cleanly.
     pub timeout: Option<Duration>,
+    /// Raised on SIGINT/SIGTERM: the jobs are cancelled cleanly.
+    pub interrupt: crate::create::Interrupt,
+    pub progress: Option<ProgressFn>,
+}
+
+impl std::fmt::Debug for JobOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobOptions")
+            .field("bandwidth", &self.bandwidth)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often progress is read and interruption checked while jobs run.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Why the jobs stopped before finishing, and whether a commit had started
+/// (committing changes the lower image even when cancelled).
+struct Stopped {
+    error: Error,
+    commit_started: bool,
 }
 
 /// Runs a delete. `client` is QEMU's when it runs. Returns lines to report.
@@ -308,9 +342,30 @@ pub async fn run(
     let live: Vec<&DiskDelete> = plan.disks.iter().filter(|d| d.live).collect();
     if !live.is_empty() {
         let client = client.expect("live merges need QEMU");
-        if let Err(e) = run_jobs(client, record, plan, &live, options).await {
+        if let Err(stopped) = run_jobs(client, record, plan, &live, options).await {
+            if !stopped.commit_started {
+                lock.resolve(record, journal)?;
+                return Err(stopped.error);
+            }
+            // A commit wrote part of the newer delta into the snapshot's
+            // frozen image before it stopped: that image no longer holds the
+            // snapshot's state, so the snapshot goes; the chain is unchanged
+            // and every other snapshot intact.
+            let metadata = DeletePlan {
+                snapshot: plan.snapshot.clone(),
+                disks: Vec::new(),
+            };
+            let files = apply(record, &metadata);
             lock.resolve(record, journal)?;
-            return Err(e);
+            debug_assert!(files.is_empty(), "an unchanged chain frees no file");
+            let cause = match stopped.error {
+                Error::Interrupted => "interrupted".to_owned(),
+                e => e.to_string(),
+            };
+            return Err(Error::Drift(format!(
+                "{cause}: the merge was cancelled after it had started writing into the frozen image of {0}, so {0} is removed from the record (the chain is unchanged, every other snapshot is intact)",
+                plan.snapshot
+            )));
         }
     }
     for d in plan.disks.iter().filter(|d| !d.live) {
@@ -336,9 +391,15 @@ async fn run_jobs(
     plan: &DeletePlan,
     disks: &[&DiskDelete],
     options: &JobOptions,
-) -> Result<()> {
-    let graph = crate::graph::read(client).await?;
+) -> std::result::Result<(), Stopped> {
+    let early = |error: Error| Stopped {
+        error,
+        commit_started: false,
+    };
+    let graph = crate::graph::read(client).await.map_err(early)?;
+    // (job, is a commit), and whether each is an active commit.
     let mut jobs: Vec<(Job, bool)> = Vec::new();
+    let mut actives: Vec<bool> = Vec::new();
     let mut stale_nodes = Vec::new();
     let node_of = |p: &Path| {
         graph
@@ -353,15 +414,16 @@ async fn run_jobs(
             .get(&d.disk)
             .and_then(|x| x.active())
             .map(|a| a.node.clone())
-            .ok_or_else(|| Error::Drift(format!("QEMU has no disk {}", d.disk)))?;
+            .ok_or_else(|| Error::Drift(format!("QEMU has no disk {}", d.disk)))
+            .map_err(early)?;
         let (command, mut args, active) = match &d.merge {
             Merge::Commit { top, base } => {
-                let top_node = node_of(top)?;
+                let top_node = node_of(top).map_err(early)?;
                 stale_nodes.push(top_node.clone());
                 let active = top_node == device;
                 let mut args = json!({
                     "job-id": id, "device": device,
-                    "top-node": top_node, "base-node": node_of(base)?,
+                    "top-node": top_node, "base-node": node_of(base).map_err(early)?,
                 });
                 if !active {
                     args["backing-file"] = base.display().to_string().into();
@@ -369,10 +431,10 @@ async fn run_jobs(
                 ("block-commit", args, active)
             }
             Merge::Stream { from, into } => {
-                stale_nodes.push(node_of(from)?);
-                let mut args = json!({ "job-id": id, "device": node_of(into)? });
+                stale_nodes.push(node_of(from).map_err(early)?);
+                let mut args = json!({ "job-id": id, "device": node_of(into).map_err(early)? });
                 if let Some(below) = record.layers.get(from).and_then(|l| l.backing.clone()) {
-                    args["base-node"] = node_of(&below)?.into();
+                    args["base-node"] = node_of(&below).map_err(early)?.into();
                     args["backing-file"] = below.display().to_string().into();
                 }
                 ("block-stream", args, false)
@@ -386,57 +448,115 @@ async fn run_jobs(
         }
         let started = client.start_job_raw(&id, command, args).await;
         match started {
-            Ok(job) => jobs.push((job, active)),
+            Ok(job) => jobs.push((job, command == "block-commit")),
             Err(e) => {
-                cancel_all(&mut jobs).await;
-                return Err(e.into());
+                let commit_started = cancel_all(&mut jobs).await;
+                return Err(Stopped {
+                    error: e.into(),
+                    commit_started,
+                });
             }
         }
+        actives.push(active);
     }
     // Drive every job to `pending`; active commits pass through `ready`.
-    let limit = options.timeout.unwrap_or(JOB_TIMEOUT);
+    let deadline = std::time::Instant::now() + options.timeout.unwrap_or(JOB_TIMEOUT);
     let mut failure = None;
-    for (job, active) in &mut jobs {
-        let reached = async {
-            if *active {
-                job.wait_for(&[JobStatus::Ready], limit).await?;
-                job.complete().await?;
-            }
-            job.wait_for(&[JobStatus::Pending], limit).await
+    for (i, active) in actives.iter().enumerate() {
+        let mut stages = vec![JobStatus::Pending];
+        if *active {
+            stages.insert(0, JobStatus::Ready);
         }
-        .await;
-        if let Err(e) = reached {
-            failure = Some(e);
+        for stage in stages {
+            if let Err(e) = drive(client, &mut jobs, i, &stage, deadline, options).await {
+                failure = Some(e);
+                break;
+            }
+            if stage == JobStatus::Ready
+                && let Err(e) = jobs[i].0.complete().await
+            {
+                failure = Some(e.into());
+                break;
+            }
+        }
+        if failure.is_some() {
             break;
         }
     }
-    if let Some(e) = failure {
-        cancel_all(&mut jobs).await;
-        return Err(match e {
-            qmp_client::Error::WaitTimeout { .. } => Error::Drift(format!(
-                "the merge did not finish in time and was cancelled ({e}); the chain is unchanged, but a commit may have written part of its data into the lower image already"
-            )),
-            e => e.into(),
+    if let Some(error) = failure {
+        let commit_started = cancel_all(&mut jobs).await;
+        return Err(Stopped {
+            error,
+            commit_started,
         });
     }
     // The point of no return, for all disks together.
+    let late = |error: Error| Stopped {
+        error,
+        commit_started: true,
+    };
     for (job, _) in &jobs {
-        job.finalize().await?;
+        job.finalize().await.map_err(|e| late(e.into()))?;
     }
     let mut errors = Vec::new();
     for (job, _) in &mut jobs {
-        if let Err(e) = job.finish(limit).await {
+        if let Err(e) = job.finish(JOB_TIMEOUT).await {
             errors.push(e.to_string());
         }
     }
     if !errors.is_empty() {
-        return Err(Error::Drift(errors.join("; ")));
+        return Err(late(Error::Drift(errors.join("; "))));
     }
     delete_unused_nodes(client, &stale_nodes).await;
     Ok(())
 }
 
-async fn cancel_all(jobs: &mut [(Job, bool)]) {
+/// Waits until job `i` reaches `stage`, reporting progress and watching for
+/// an interruption and the deadline every tick.
+async fn drive(
+    client: &Client,
+    jobs: &mut [(Job, bool)],
+    i: usize,
+    stage: &JobStatus,
+    deadline: std::time::Instant,
+    options: &JobOptions,
+) -> Result<()> {
+    loop {
+        match jobs[i].0.wait_for(std::slice::from_ref(stage), TICK).await {
+            Ok(_) => return Ok(()),
+            Err(qmp_client::Error::WaitTimeout { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if options.interrupt.is_raised() {
+            return Err(Error::Interrupted);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Drift(format!(
+                "job {} did not finish within {:?} and was cancelled",
+                jobs[i].0.id(),
+                options.timeout.unwrap_or(JOB_TIMEOUT)
+            )));
+        }
+        if let Some(report) = &options.progress
+            && let Ok(all) = client.query_jobs().await
+        {
+            for info in all
+                .iter()
+                .filter(|j| jobs.iter().any(|(job, _)| job.id() == j.id))
+            {
+                report(&Progress {
+                    job: info.id.clone(),
+                    current: info.current_progress,
+                    total: info.total_progress,
+                });
+            }
+        }
+    }
+}
+
+/// Cancels every job, waits for each to conclude and dismisses it. Returns
+/// whether any of them was a commit (which has then written into its base).
+async fn cancel_all(jobs: &mut [(Job, bool)]) -> bool {
     for (job, _) in jobs.iter() {
         let _ = job.cancel().await;
     }
@@ -444,6 +564,7 @@ async fn cancel_all(jobs: &mut [(Job, bool)]) {
         let _ = job.wait_concluded(Duration::from_secs(60)).await;
         let _ = job.dismiss().await;
     }
+    jobs.iter().any(|(_, commit)| *commit)
 }
 
 fn merge_offline(record: &Record, d: &DiskDelete) -> Result<()> {

@@ -158,6 +158,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let options = snapctl::delete::JobOptions {
                 bandwidth: bandwidth.unwrap_or(0),
                 timeout: *timeout,
+                interrupt: Interrupt::new(),
+                progress: Some(output::progress_reporter(g.json)),
             };
             delete(
                 &cli,
@@ -518,6 +520,7 @@ async fn delete(
     } else {
         vec![name.to_owned()]
     };
+    let watcher = watch_signals(options.interrupt.clone());
     let mut reports = Vec::new();
     for target in &targets {
         let live = match &client {
@@ -547,6 +550,7 @@ async fn delete(
             }
         }
     }
+    watcher.abort();
     if g.json {
         output::json(&serde_json::json!({ "dry_run": dry_run, "deleted": reports }))?;
     }

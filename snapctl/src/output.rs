@@ -343,3 +343,35 @@ pub fn jobs(jobs: &[qmp_client::JobInfo], as_json: bool) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Progress of merge jobs: a bar with bytes, rate and ETA on a terminal, one
+/// JSON line per update on stderr otherwise (stdout stays one document).
+pub fn progress_reporter(as_json: bool) -> snapctl::delete::ProgressFn {
+    use std::io::IsTerminal;
+    use std::sync::{Arc, Mutex};
+    if !as_json && io::stderr().is_terminal() {
+        let bars: Mutex<std::collections::HashMap<String, indicatif::ProgressBar>> =
+            Mutex::default();
+        return Arc::new(move |p: &snapctl::delete::Progress| {
+            let mut bars = bars.lock().unwrap_or_else(|e| e.into_inner());
+            let bar = bars.entry(p.job.clone()).or_insert_with(|| {
+                let bar = indicatif::ProgressBar::new(p.total);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                bar.set_message(p.job.clone());
+                bar
+            });
+            bar.set_length(p.total);
+            bar.set_position(p.current);
+        });
+    }
+    Arc::new(|p: &snapctl::delete::Progress| {
+        let line = json!({ "progress": { "job": p.job, "current": p.current, "total": p.total } });
+        let _ = writeln!(io::stderr().lock(), "{line}");
+    })
+}
