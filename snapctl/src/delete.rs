@@ -49,14 +49,34 @@ pub enum Merge {
     Keep { reason: String },
 }
 
+/// The QEMU job that merges one disk's boundary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LiveJob {
+    pub id: String,
+    /// `block-commit` or `block-stream`.
+    pub command: String,
+    pub arguments: Value,
+    /// An active commit: goes `ready` and needs `job-complete` (the pivot).
+    pub active: bool,
+    /// The node that drops out of the chain, deleted afterwards.
+    pub stale_node: String,
+}
+
 /// One disk's part of a delete.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DiskDelete {
     pub disk: String,
     pub frozen: PathBuf,
     pub merge: Merge,
-    /// Whether the merge runs in QEMU (its layers are open there).
-    pub live: bool,
+    /// The QEMU job when the merge runs live (its layers are open there);
+    /// `None` runs it offline with `qemu-img`.
+    pub job: Option<LiveJob>,
+}
+
+impl DiskDelete {
+    fn live(&self) -> bool {
+        self.job.is_some()
+    }
 }
 
 /// A planned delete of one snapshot.
@@ -95,22 +115,15 @@ pub fn plan(
         } else {
             choose(record, name, f)
         };
-        let live_merge = match (&merge, live) {
-            (Merge::Commit { top, base }, Some(g))
-            | (
-                Merge::Stream {
-                    from: base,
-                    into: top,
-                },
-                Some(g),
-            ) => adjacent_in_device(g, top, base),
-            _ => false,
+        let job = match live {
+            Some(g) => live_job(record, g, disk, name, &merge)?,
+            None => None,
         };
         disks.push(DiskDelete {
             disk: disk.clone(),
             frozen: f.clone(),
             merge,
-            live: live_merge,
+            job,
         });
     }
     Ok(DeletePlan {
@@ -119,13 +132,72 @@ pub fn plan(
     })
 }
 
-/// Whether `top` sits directly on `base` in some device's live chain.
-fn adjacent_in_device(graph: &LiveGraph, top: &Path, base: &Path) -> bool {
-    graph.disks.values().any(|d| {
-        d.chain
-            .windows(2)
-            .any(|w| w[0].filename == top && w[1].filename == base)
-    })
+/// The QEMU job for a merge whose two layers sit next to each other in the
+/// disk's live chain; `None` when they are not open there (another branch),
+/// in which case the merge runs offline.
+fn live_job(
+    record: &Record,
+    graph: &LiveGraph,
+    disk: &str,
+    snapshot: &str,
+    merge: &Merge,
+) -> Result<Option<LiveJob>> {
+    let (top, base) = match merge {
+        Merge::Commit { top, base } => (top, base),
+        Merge::Stream { from, into } => (into, from),
+        Merge::Drop | Merge::Keep { .. } => return Ok(None),
+    };
+    let Some(chain) = graph.disks.get(disk).map(|d| &d.chain) else {
+        return Ok(None);
+    };
+    let Some(pos) = chain
+        .windows(2)
+        .position(|w| w[0].filename == *top && w[1].filename == *base)
+    else {
+        return Ok(None);
+    };
+    let (device, top_node, base_node) = (&chain[0].node, &chain[pos].node, &chain[pos + 1].node);
+    let id = names::node_name("sd", disk, snapshot, 0);
+    let job = match merge {
+        Merge::Commit { .. } => {
+            let active = pos == 0;
+            let mut arguments = json!({
+                "job-id": id, "device": device, "top-node": top_node, "base-node": base_node,
+            });
+            if !active {
+                arguments["backing-file"] = base.display().to_string().into();
+            }
+            LiveJob {
+                id,
+                command: "block-commit".into(),
+                arguments,
+                active,
+                stale_node: top_node.clone(),
+            }
+        }
+        _ => {
+            let mut arguments = json!({ "job-id": id, "device": top_node });
+            if let Some(below) = record.layers.get(base).and_then(|l| l.backing.clone()) {
+                let below_node = chain.get(pos + 2).map(|l| l.node.clone()).ok_or_else(|| {
+                    Error::Drift(format!(
+                        "{} is not open below {} in QEMU",
+                        below.display(),
+                        base.display()
+                    ))
+                })?;
+                arguments["base-node"] = below_node.into();
+                arguments["backing-file"] = below.display().to_string().into();
+            }
+            LiveJob {
+                id,
+                command: "block-stream".into(),
+                arguments,
+                active: false,
+                stale_node: base_node.clone(),
+            }
+        }
+    };
+    Ok(Some(job))
 }
 
 fn choose(record: &Record, name: &str, f: &Path) -> Merge {
@@ -180,44 +252,117 @@ fn choose(record: &Record, name: &str, f: &Path) -> Merge {
 }
 
 impl DeletePlan {
-    /// The ordered steps, for `--dry-run`.
-    pub fn steps(&self) -> Vec<Step> {
+    /// The ordered steps, for `--dry-run`: QMP commands and `qemu-img` runs,
+    /// then the record change and the files removed.
+    pub fn steps(&self, record: &Record, options: &JobOptions) -> Vec<Step> {
+        let qmp = |command: &str, arguments: Value| Step::Qmp {
+            command: command.into(),
+            arguments,
+        };
         let mut steps = Vec::new();
-        for d in &self.disks {
-            let how = if d.live { "QEMU job" } else { "qemu-img" };
-            let change = match &d.merge {
-                Merge::Commit { top, base } => format!(
-                    "{}: commit {} into {} ({how})",
-                    d.disk,
-                    top.display(),
-                    base.display()
-                ),
-                Merge::Stream { from, into } => format!(
-                    "{}: stream {} into {} ({how})",
-                    d.disk,
-                    from.display(),
-                    into.display()
-                ),
-                Merge::Drop => format!("{}: nothing to merge above {}", d.disk, d.frozen.display()),
-                Merge::Keep { reason } => {
-                    format!("{}: keep {} ({reason})", d.disk, d.frozen.display())
-                }
-            };
-            steps.push(Step::Record { change });
+        let jobs: Vec<&LiveJob> = self.disks.iter().filter_map(|d| d.job.as_ref()).collect();
+        for job in &jobs {
+            steps.push(qmp(&job.command, job_arguments(job, options)));
         }
-        steps.push(Step::Record {
-            change: format!(
-                "remove snapshot {}; remove files nothing needs",
-                self.snapshot
-            ),
-        });
+        for job in jobs.iter().filter(|j| j.active) {
+            steps.push(qmp("job-complete", json!({ "id": job.id })));
+        }
+        for verb in ["job-finalize", "job-dismiss"] {
+            for job in &jobs {
+                steps.push(qmp(verb, json!({ "id": job.id })));
+            }
+        }
+        for job in &jobs {
+            steps.push(qmp("blockdev-del", json!({ "node-name": job.stale_node })));
+        }
+        for d in self.disks.iter().filter(|d| !d.live()) {
+            match &d.merge {
+                Merge::Commit { top, base } => {
+                    steps.push(Step::Tool {
+                        command: format!(
+                            "qemu-img commit -d -b {} {}",
+                            base.display(),
+                            top.display()
+                        ),
+                    });
+                    for dependent in record.dependents(top) {
+                        steps.push(Step::Tool {
+                            command: format!(
+                                "qemu-img rebase -u -b {} {}",
+                                base.display(),
+                                dependent.display()
+                            ),
+                        });
+                    }
+                }
+                Merge::Stream { from, into } => {
+                    let below = record.layers.get(from).and_then(|l| l.backing.clone());
+                    steps.push(Step::Tool {
+                        command: format!(
+                            "qemu-img rebase -b {} {}",
+                            below.map_or_else(|| "''".to_owned(), |b| b.display().to_string()),
+                            into.display()
+                        ),
+                    });
+                }
+                Merge::Drop | Merge::Keep { .. } => {}
+            }
+        }
+        steps.extend(
+            self.summary()
+                .into_iter()
+                .map(|change| Step::Record { change }),
+        );
+        let mut after = record.clone();
+        for path in apply(&mut after, self) {
+            steps.push(Step::RemoveFile { path });
+        }
         steps
     }
 
-    /// Lines for the user: what happened to each disk.
+    /// Lines for the user: what happens to each disk, and to the record.
     pub fn summary(&self) -> Vec<String> {
-        self.steps().into_iter().map(|s| s.to_string()).collect()
+        let mut lines: Vec<String> = self
+            .disks
+            .iter()
+            .map(|d| {
+                let how = if d.live() { "QEMU job" } else { "qemu-img" };
+                match &d.merge {
+                    Merge::Commit { top, base } => format!(
+                        "{}: commit {} into {} ({how})",
+                        d.disk,
+                        top.display(),
+                        base.display()
+                    ),
+                    Merge::Stream { from, into } => format!(
+                        "{}: stream {} into {} ({how})",
+                        d.disk,
+                        from.display(),
+                        into.display()
+                    ),
+                    Merge::Drop => {
+                        format!("{}: nothing to merge above {}", d.disk, d.frozen.display())
+                    }
+                    Merge::Keep { reason } => {
+                        format!("{}: keep {} ({reason})", d.disk, d.frozen.display())
+                    }
+                }
+            })
+            .collect();
+        lines.push(format!("remove snapshot {}", self.snapshot));
+        lines
     }
+}
+
+/// A job's arguments with the options that apply to every merge job.
+fn job_arguments(job: &LiveJob, options: &JobOptions) -> Value {
+    let mut args = job.arguments.clone();
+    args["auto-finalize"] = false.into();
+    args["auto-dismiss"] = false.into();
+    if options.bandwidth > 0 {
+        args["speed"] = options.bandwidth.into();
+    }
+    args
 }
 
 /// The record after the merges and the removal of the snapshot. Returns the
@@ -327,7 +472,7 @@ pub async fn run(
         refuse_running_jobs(c).await?;
     }
     // Offline merges write images: make sure no process holds them.
-    for d in plan.disks.iter().filter(|d| !d.live) {
+    for d in plan.disks.iter().filter(|d| !d.live()) {
         match &d.merge {
             Merge::Commit { base, .. } => images::ensure_unlocked(base)?,
             Merge::Stream { into, .. } => images::ensure_unlocked(into)?,
@@ -339,10 +484,10 @@ pub async fn run(
         "delete",
         serde_json::to_value(plan).unwrap_or_default(),
     )?;
-    let live: Vec<&DiskDelete> = plan.disks.iter().filter(|d| d.live).collect();
+    let live: Vec<&DiskDelete> = plan.disks.iter().filter(|d| d.live()).collect();
     if !live.is_empty() {
         let client = client.expect("live merges need QEMU");
-        if let Err(stopped) = run_jobs(client, record, plan, &live, options).await {
+        if let Err(stopped) = run_jobs(client, &live, options).await {
             if !stopped.commit_started {
                 lock.resolve(record, journal)?;
                 return Err(stopped.error);
@@ -368,7 +513,7 @@ pub async fn run(
             )));
         }
     }
-    for d in plan.disks.iter().filter(|d| !d.live) {
+    for d in plan.disks.iter().filter(|d| !d.live()) {
         if let Err(e) = merge_offline(record, d) {
             lock.resolve(record, journal)?;
             return Err(e);
@@ -387,68 +532,17 @@ pub async fn run(
 
 async fn run_jobs(
     client: &Client,
-    record: &Record,
-    plan: &DeletePlan,
     disks: &[&DiskDelete],
     options: &JobOptions,
 ) -> std::result::Result<(), Stopped> {
-    let early = |error: Error| Stopped {
-        error,
-        commit_started: false,
-    };
-    let graph = crate::graph::read(client).await.map_err(early)?;
     // (job, is a commit), and whether each is an active commit.
     let mut jobs: Vec<(Job, bool)> = Vec::new();
     let mut actives: Vec<bool> = Vec::new();
     let mut stale_nodes = Vec::new();
-    let node_of = |p: &Path| {
-        graph
-            .node_for(p)
-            .map(|l| l.node.clone())
-            .ok_or_else(|| Error::Drift(format!("{} is not open in QEMU", p.display())))
-    };
-    for d in disks {
-        let id = names::node_name("sd", &d.disk, &plan.snapshot, 0);
-        let device = graph
-            .disks
-            .get(&d.disk)
-            .and_then(|x| x.active())
-            .map(|a| a.node.clone())
-            .ok_or_else(|| Error::Drift(format!("QEMU has no disk {}", d.disk)))
-            .map_err(early)?;
-        let (command, mut args, active) = match &d.merge {
-            Merge::Commit { top, base } => {
-                let top_node = node_of(top).map_err(early)?;
-                stale_nodes.push(top_node.clone());
-                let active = top_node == device;
-                let mut args = json!({
-                    "job-id": id, "device": device,
-                    "top-node": top_node, "base-node": node_of(base).map_err(early)?,
-                });
-                if !active {
-                    args["backing-file"] = base.display().to_string().into();
-                }
-                ("block-commit", args, active)
-            }
-            Merge::Stream { from, into } => {
-                stale_nodes.push(node_of(from).map_err(early)?);
-                let mut args = json!({ "job-id": id, "device": node_of(into).map_err(early)? });
-                if let Some(below) = record.layers.get(from).and_then(|l| l.backing.clone()) {
-                    args["base-node"] = node_of(&below).map_err(early)?.into();
-                    args["backing-file"] = below.display().to_string().into();
-                }
-                ("block-stream", args, false)
-            }
-            Merge::Drop | Merge::Keep { .. } => continue,
-        };
-        args["auto-finalize"] = false.into();
-        args["auto-dismiss"] = false.into();
-        if options.bandwidth > 0 {
-            args["speed"] = options.bandwidth.into();
-        }
-        let started = client.start_job_raw(&id, command, args).await;
-        match started {
-            Ok(job) => jobs.push((job, command == "block-commit")),
+    for job in disks.iter().filter_map(|d| d.job.as_ref()) {
+        let args = job_arguments(job, options);
+        match client.start_job_raw(&job.id, &job.command, args).await {
+            Ok(started) => jobs.push((started, job.command == "block-commit")),
             Err(e) => {
                 let commit_started = cancel_all(&mut jobs).await;
                 return Err(Stopped {
@@ -457,7 +551,8 @@ async fn run_jobs(
                 });
             }
         }
-        actives.push(active);
+        actives.push(job.active);
+        stale_nodes.push(job.stale_node.clone());
     }
     // Drive every job to `pending`; active commits pass through `ready`.
     let deadline = std::time::Instant::now() + options.timeout.unwrap_or(JOB_TIMEOUT);

@@ -522,6 +522,7 @@ async fn delete(
     };
     let watcher = watch_signals(options.interrupt.clone());
     let mut reports = Vec::new();
+    let mut steps = Vec::new();
     for target in &targets {
         let live = match &client {
             Some(c) => Some(graph::read(c).await?),
@@ -529,11 +530,7 @@ async fn delete(
         };
         let plan = snapctl::delete::plan(&record, live.as_ref(), target, metadata_only)?;
         if dry_run {
-            if g.json {
-                reports.push(snapctl::delete::to_json(&plan));
-            } else {
-                output::plan(&plan.steps(), false)?;
-            }
+            steps.extend(plan.steps(&record, options));
             continue;
         }
         let lines =
@@ -551,8 +548,10 @@ async fn delete(
         }
     }
     watcher.abort();
-    if g.json {
-        output::json(&serde_json::json!({ "dry_run": dry_run, "deleted": reports }))?;
+    if dry_run {
+        output::plan(&steps, g.json)?;
+    } else if g.json {
+        output::json(&serde_json::json!({ "deleted": reports }))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -25,6 +25,10 @@ pub enum Step {
     GuestAgent { command: String },
     /// A QMP command.
     Qmp { command: String, arguments: Value },
+    /// Run an image tool (offline).
+    Tool { command: String },
+    /// Remove a file nothing needs any more.
+    RemoveFile { path: PathBuf },
     /// Update the record.
     Record { change: String },
 }
@@ -35,6 +39,8 @@ impl fmt::Display for Step {
             Step::CreateFile { path } => write!(f, "create empty file {}", path.display()),
             Step::GuestAgent { command } => write!(f, "guest agent: {command}"),
             Step::Qmp { command, arguments } => write!(f, "qmp: {command} {arguments}"),
+            Step::Tool { command } => write!(f, "run: {command}"),
+            Step::RemoveFile { path } => write!(f, "remove file {}", path.display()),
             Step::Record { change } => write!(f, "record: {change}"),
         }
     }
