@@ -136,6 +136,33 @@ pub enum Command {
         dry_run: bool,
     },
 
+    /// block-commit on one disk: merge the layers from --top's down into --base's
+    /// (default: the active image into the layer below it, with pivot).
+    Commit {
+        /// The disk (qdev id).
+        disk: String,
+        /// The snapshot whose frozen image is the top layer (default: the active image).
+        #[arg(long, value_name = "NAME")]
+        top: Option<String>,
+        /// The snapshot whose frozen image receives the data (default: the layer below the top).
+        #[arg(long, value_name = "NAME")]
+        base: Option<String>,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+
+    /// block-stream on one disk: copy every layer above --base's into the active
+    /// image (default: all of them; the active image becomes standalone).
+    Pull {
+        /// The disk (qdev id).
+        disk: String,
+        /// The snapshot whose frozen image stays as the backing.
+        #[arg(long, value_name = "NAME")]
+        base: Option<String>,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+
     /// List QEMU's jobs with their progress.
     Jobs,
 
@@ -229,4 +256,17 @@ pub enum JobAction {
         #[arg(long, value_name = "SECONDS", value_parser = seconds)]
         timeout: Option<Duration>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// Limit the job to RATE bytes per second (e.g. 50M, 1G).
+    #[arg(long, value_name = "RATE", value_parser = rate)]
+    pub bandwidth: Option<u64>,
+    /// Cancel the job if it has not finished after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+    pub timeout: Option<Duration>,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }

@@ -355,7 +355,7 @@ impl DeletePlan {
 }
 
 /// A job's arguments with the options that apply to every merge job.
-fn job_arguments(job: &LiveJob, options: &JobOptions) -> Value {
+pub(crate) fn job_arguments(job: &LiveJob, options: &JobOptions) -> Value {
     let mut args = job.arguments.clone();
     args["auto-finalize"] = false.into();
     args["auto-dismiss"] = false.into();
@@ -455,9 +455,9 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// Why the jobs stopped before finishing, and whether a commit had started
 /// (committing changes the lower image even when cancelled).
-struct Stopped {
-    error: Error,
-    commit_started: bool,
+pub(crate) struct Stopped {
+    pub(crate) error: Error,
+    pub(crate) commit_started: bool,
 }
 
 /// Runs a delete. `client` is QEMU's when it runs. Returns lines to report.
@@ -487,7 +487,8 @@ pub async fn run(
     let live: Vec<&DiskDelete> = plan.disks.iter().filter(|d| d.live()).collect();
     if !live.is_empty() {
         let client = client.expect("live merges need QEMU");
-        if let Err(stopped) = run_jobs(client, &live, options).await {
+        let jobs: Vec<&LiveJob> = live.iter().filter_map(|d| d.job.as_ref()).collect();
+        if let Err(stopped) = run_jobs(client, &jobs, options).await {
             if !stopped.commit_started {
                 lock.resolve(record, journal)?;
                 return Err(stopped.error);
@@ -530,16 +531,16 @@ pub async fn run(
     Ok(lines)
 }
 
-async fn run_jobs(
+pub(crate) async fn run_jobs(
     client: &Client,
-    disks: &[&DiskDelete],
+    live_jobs: &[&LiveJob],
     options: &JobOptions,
 ) -> std::result::Result<(), Stopped> {
     // (job, is a commit), and whether each is an active commit.
     let mut jobs: Vec<(Job, bool)> = Vec::new();
     let mut actives: Vec<bool> = Vec::new();
     let mut stale_nodes = Vec::new();
-    for job in disks.iter().filter_map(|d| d.job.as_ref()) {
+    for job in live_jobs {
         let args = job_arguments(job, options);
         match client.start_job_raw(&job.id, &job.command, args).await {
             Ok(started) => jobs.push((started, job.command == "block-commit")),

@@ -25,6 +25,7 @@ pub mod delete;
 pub mod error;
 pub mod graph;
 pub mod images;
+pub mod merge;
 pub mod names;
 pub mod plan;
 pub mod record;

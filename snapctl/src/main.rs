@@ -18,7 +18,7 @@ use snapctl::plan::{self, CreateOptions};
 use snapctl::record::Record;
 use snapctl::{Store, check, graph, revert, views};
 
-use crate::cli::{Cli, Command, CreateArgs, JobAction};
+use crate::cli::{Cli, Command, CreateArgs, JobAction, JobArgs};
 
 /// Exit status when `check` finds drift.
 const EXIT_DRIFT: u8 = 3;
@@ -171,6 +171,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &options,
                 *dry_run,
             )
+            .await
+        }
+        Command::Commit {
+            disk,
+            top,
+            base,
+            job,
+        } => {
+            raw_merge(&cli, &store, &vm, job, |record, live| {
+                snapctl::merge::plan_commit(record, live, disk, top.as_deref(), base.as_deref())
+            })
+            .await
+        }
+        Command::Pull { disk, base, job } => {
+            raw_merge(&cli, &store, &vm, job, |record, live| {
+                snapctl::merge::plan_pull(record, live, disk, base.as_deref())
+            })
             .await
         }
         Command::Jobs => {
@@ -590,4 +607,64 @@ async fn job_action(
         Some(e) if !cancel => bail!("job {id} failed: {e}"),
         _ => Ok(ExitCode::SUCCESS),
     }
+}
+
+async fn raw_merge(
+    cli: &Cli,
+    store: &Store,
+    vm: &str,
+    args: &JobArgs,
+    plan: impl FnOnce(&Record, Option<&graph::LiveGraph>) -> snapctl::Result<snapctl::merge::RawPlan>,
+) -> anyhow::Result<ExitCode> {
+    let g = &cli.global;
+    let lock = store.lock(vm, g.lock_wait)?;
+    let mut record = lock
+        .load()?
+        .ok_or_else(|| snapctl::Error::UnknownVm { vm: vm.to_owned() })?;
+    let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
+    let live = match &client {
+        Some(c) => Some(graph::read(c).await?),
+        None => None,
+    };
+    let plan = plan(&record, live.as_ref())?;
+    let options = snapctl::delete::JobOptions {
+        bandwidth: args.bandwidth.unwrap_or(0),
+        timeout: args.timeout,
+        interrupt: Interrupt::new(),
+        progress: Some(output::progress_reporter(g.json)),
+    };
+    if args.dry_run {
+        output::plan(&plan.steps(&record, &options), g.json)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let watcher = watch_signals(options.interrupt.clone());
+    let result = snapctl::merge::run(client.as_ref(), &lock, &mut record, &plan, &options).await;
+    watcher.abort();
+    let lines = result?;
+    if g.json {
+        output::json(&serde_json::json!({
+            "disk": plan.disk,
+            "merge": plan.merge,
+            "removed_snapshots": plan.removed_snapshots,
+            "report": lines,
+        }))?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        match &plan.merge {
+            snapctl::merge::RawMerge::Commit { top, base } => writeln!(
+                out,
+                "{}: committed {} into {}",
+                plan.disk,
+                top.display(),
+                base.display()
+            )?,
+            snapctl::merge::RawMerge::Pull { active, .. } => {
+                writeln!(out, "{}: pulled into {}", plan.disk, active.display())?
+            }
+        }
+        for l in lines {
+            writeln!(out, "  {l}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
