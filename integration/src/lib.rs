@@ -41,6 +41,7 @@
 //! Tests never skip silently: a missing QEMU binary is a panic that says how
 //! to install it.
 
+pub mod guest;
 pub mod image;
 mod process;
 mod qemu;
