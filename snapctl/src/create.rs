@@ -175,6 +175,7 @@ async fn apply(
     for job in &mut jobs {
         job.finish(CREATE_JOB_TIMEOUT).await?;
     }
+    crate::fault::point("create:formatted");
     for d in &plan.disks {
         client
             .execute_raw("blockdev-add", CreatePlan::overlay_blockdev(d))
@@ -182,11 +183,13 @@ async fn apply(
         undo.nodes.push(d.overlay_node.clone());
     }
     interrupt.check()?;
+    crate::fault::point("create:added");
     let Some(agent) = agent.filter(|_| plan.quiesce) else {
         client
             .execute_raw("transaction", plan.transaction())
             .await?;
         undo.committed = true;
+        crate::fault::point("create:switched");
         return Ok(Vec::new());
     };
     let frozen = agent

@@ -341,10 +341,14 @@ async fn create(cli: &Cli, store: &Store, vm: &str, args: &CreateArgs) -> anyhow
     // Bad names fail before anything is opened.
     snapctl::names::validate_snapshot_name(&args.name)?;
     let lock = store.lock(vm, g.lock_wait)?;
-    let before = lock.load()?;
+    let mut before = lock.load()?;
     let mut record = before.clone().unwrap_or_else(|| Record::new(vm));
     let socket = need_socket(g, Some(&record))?;
     let client = connect(&socket).await?;
+    if let Some(settled) = before.as_mut().filter(|_| !args.dry_run) {
+        settle_journal(Some(&client), &lock, settled).await?;
+        record = settled.clone();
+    }
     let live = graph::read(&client).await?;
     let mut updated = record.clone();
     register(&client, &mut updated, &live).await?;
@@ -455,10 +459,12 @@ async fn check_cmd(cli: &Cli, store: &Store, vm: &str, repair: bool) -> anyhow::
     };
     let mut changes = Vec::new();
     if repair {
-        changes = check::repair(&mut record, live.as_ref());
-        if !changes.is_empty() {
+        changes = snapctl::recover::recover(client.as_ref(), &lock, &mut record).await?;
+        let adopted = check::repair(&mut record, live.as_ref());
+        if !adopted.is_empty() {
             lock.save(&record)?;
         }
+        changes.extend(adopted);
     }
     let drifts = check::drifts(&record, live.as_ref(), &jobs);
     output::check(&drifts, &changes, live.is_some(), g.json)?;
@@ -483,6 +489,9 @@ async fn revert(
         .load()?
         .ok_or_else(|| snapctl::Error::UnknownVm { vm: vm.to_owned() })?;
     let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
+    if !dry_run {
+        settle_journal(client.as_ref(), &lock, &mut record).await?;
+    }
     let live = match &client {
         Some(c) => Some(graph::read(c).await?),
         None => None,
@@ -532,6 +541,9 @@ async fn delete(
         .into());
     }
     let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
+    if !dry_run {
+        settle_journal(client.as_ref(), &lock, &mut record).await?;
+    }
     let targets = if children {
         snapctl::delete::with_descendants(&record, name)
     } else {
@@ -622,6 +634,9 @@ async fn raw_merge(
         .load()?
         .ok_or_else(|| snapctl::Error::UnknownVm { vm: vm.to_owned() })?;
     let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
+    if !args.dry_run {
+        settle_journal(client.as_ref(), &lock, &mut record).await?;
+    }
     let live = match &client {
         Some(c) => Some(graph::read(c).await?),
         None => None,
@@ -667,4 +682,27 @@ async fn raw_merge(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Before a mutating command: finish or undo what an interrupted run left in
+/// the journal, and say which; refuse to go on while something stays unresolved.
+async fn settle_journal(
+    client: Option<&Client>,
+    lock: &snapctl::VmLock,
+    record: &mut Record,
+) -> anyhow::Result<()> {
+    if record.journal.is_empty() {
+        return Ok(());
+    }
+    for line in snapctl::recover::recover(client, lock, record).await? {
+        eprintln!("snapctl: {line}");
+    }
+    if let Some(entry) = record.journal.first() {
+        bail!(
+            "an interrupted {} (pid {}) left unfinished work: run snapctl check --repair",
+            entry.op,
+            entry.pid
+        );
+    }
+    Ok(())
 }

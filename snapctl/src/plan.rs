@@ -60,7 +60,7 @@ pub struct CreateOptions {
 }
 
 /// One disk's part of a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DiskSnapshot {
     pub disk: String,
     /// The current active image, frozen by the snapshot.
@@ -78,7 +78,7 @@ pub struct DiskSnapshot {
 }
 
 /// A planned `create`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CreatePlan {
     pub name: String,
     pub description: Option<String>,

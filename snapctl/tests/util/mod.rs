@@ -220,6 +220,168 @@ impl TestCommand {
     }
 }
 
+impl TestCommand {
+    /// Starts the command in the background with piped output (for signals,
+    /// and for looking at QEMU while it runs).
+    pub fn spawn(mut self) -> Background {
+        let child = self
+            .command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", command_line(&self.command)));
+        Background::new(self.command, child)
+    }
+}
+
+/// A snapctl run started with [`TestCommand::spawn`]; killed when dropped
+/// before it was waited for.
+#[derive(Debug)]
+pub struct Background {
+    command: Command,
+    child: std::process::Child,
+    stdout: Option<std::thread::JoinHandle<Vec<u8>>>,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+    started: Instant,
+}
+
+impl Background {
+    fn new(command: Command, mut child: std::process::Child) -> Background {
+        let drain = |mut pipe: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = pipe.read_to_end(&mut buf);
+                buf
+            })
+        };
+        let stdout = Some(drain(Box::new(child.stdout.take().unwrap())));
+        let stderr = Some(drain(Box::new(child.stderr.take().unwrap())));
+        Background {
+            command,
+            child,
+            stdout,
+            stderr,
+            started: Instant::now(),
+        }
+    }
+
+    /// The command, for failure messages.
+    pub fn command(&self) -> &Command {
+        &self.command
+    }
+
+    /// How long ago it was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Whether it still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("wait for snapctl").is_none()
+    }
+
+    /// Sends SIGINT, as Ctrl-C in a terminal would (with `kill -INT`).
+    pub fn interrupt(&self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -INT {pid} failed: {status}");
+    }
+
+    /// Waits for it to exit (killed, and the test failed, after `timeout`)
+    /// and returns what it did.
+    pub fn wait(&mut self, timeout: Duration) -> Output {
+        let deadline = Instant::now() + timeout;
+        let mut timed_out = false;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for snapctl") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                timed_out = true;
+                let _ = self.child.kill();
+                break self.child.wait().expect("wait for snapctl");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let output = Output {
+            status,
+            stdout: self.stdout.take().unwrap().join().unwrap(),
+            stderr: self.stderr.take().unwrap().join().unwrap(),
+        };
+        if timed_out {
+            fail(
+                &self.command,
+                &output,
+                &format!("still running after {timeout:?}"),
+            );
+        }
+        output
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if self.stdout.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl TestCommand {
+    /// Like [`TestCommand::error_line`], for commands that run merge jobs:
+    /// see [`error_line_after_progress`].
+    pub fn error_line_after_progress(&mut self, expected: &[&str]) -> String {
+        let output = self.run();
+        error_line_after_progress(&self.command, &output, expected)
+    }
+}
+
+impl Background {
+    /// Waits for it to exit (see [`Background::wait`]) and checks that it
+    /// failed as [`error_line_after_progress`] says. Returns the error line.
+    pub fn error_line_after_progress(mut self, timeout: Duration, expected: &[&str]) -> String {
+        let output = self.wait(timeout);
+        error_line_after_progress(&self.command, &output, expected)
+    }
+}
+
+/// Checks that a run failed the way the contract says, allowing the JSON
+/// progress lines (`{"progress": …}`) that merge jobs print on stderr when
+/// it is not a terminal: exit status 1, nothing on stdout, and exactly one
+/// other line on stderr, which contains every string of `expected`
+/// (case-insensitively). Returns that line.
+pub fn error_line_after_progress(command: &Command, output: &Output, expected: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let other: Vec<&str> = stderr
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<Value>(line)
+                .map_or(true, |v| !v.get("progress").is_some_and(Value::is_object))
+        })
+        .collect();
+    let problem = if output.status.code() != Some(1) {
+        Some("expected exit status 1".to_owned())
+    } else if !output.stdout.is_empty() {
+        Some("expected nothing on stdout".to_owned())
+    } else if other.len() != 1 || !stderr.ends_with('\n') {
+        Some("expected exactly one line besides progress lines on stderr".to_owned())
+    } else {
+        expected
+            .iter()
+            .find(|e| !other[0].to_lowercase().contains(&e.to_lowercase()))
+            .map(|e| format!("expected the error line to mention {e:?}"))
+    };
+    if let Some(problem) = problem {
+        fail(command, output, &problem);
+    }
+    other[0].to_owned()
+}
+
 /// Panics with the command line, status, stdout and stderr.
 pub fn fail(command: &Command, output: &Output, what: &str) -> ! {
     panic!(
@@ -469,6 +631,14 @@ impl Monitor {
         BlockState { roots, nodes }
     }
 
+    /// `query-jobs`.
+    pub fn jobs(&mut self) -> Vec<Value> {
+        match self.ok("query-jobs", Value::Null) {
+            Value::Array(jobs) => jobs,
+            other => panic!("query-jobs returned {other}"),
+        }
+    }
+
     /// Sends `quit`; QEMU closes the connection as it exits.
     pub fn quit(&mut self) {
         // The reply may or may not arrive before the socket closes.
@@ -653,4 +823,12 @@ fn spawn(dir: &WorkDir, builder: QemuBuilder, generation: u32) -> (Qemu, Monitor
         .unwrap_or_else(|e| panic!("cannot start QEMU: {e}"));
     let monitor = Monitor::connect(&test_socket);
     (qemu, monitor, snapctl_socket)
+}
+
+impl TestCommand {
+    /// Sets an environment variable for the run (e.g. `SNAPCTL_FAULT`).
+    pub fn env(mut self, key: &str, value: &str) -> TestCommand {
+        self.command.env(key, value);
+        self
+    }
 }
