@@ -58,8 +58,8 @@ pub struct LiveJob {
     pub arguments: Value,
     /// An active commit: goes `ready` and needs `job-complete` (the pivot).
     pub active: bool,
-    /// The node that drops out of the chain, deleted afterwards.
-    pub stale_node: String,
+    /// The nodes that drop out of the chain, deleted afterwards (top first).
+    pub stale_nodes: Vec<String>,
 }
 
 /// One disk's part of a delete.
@@ -172,7 +172,7 @@ fn live_job(
                 command: "block-commit".into(),
                 arguments,
                 active,
-                stale_node: top_node.clone(),
+                stale_nodes: vec![top_node.clone()],
             }
         }
         _ => {
@@ -193,7 +193,7 @@ fn live_job(
                 command: "block-stream".into(),
                 arguments,
                 active: false,
-                stale_node: base_node.clone(),
+                stale_nodes: vec![base_node.clone()],
             }
         }
     };
@@ -273,7 +273,9 @@ impl DeletePlan {
             }
         }
         for job in &jobs {
-            steps.push(qmp("blockdev-del", json!({ "node-name": job.stale_node })));
+            for node in &job.stale_nodes {
+                steps.push(qmp("blockdev-del", json!({ "node-name": node })));
+            }
         }
         for d in self.disks.iter().filter(|d| !d.live()) {
             match &d.merge {
@@ -401,18 +403,23 @@ fn apply(record: &mut Record, plan: &DeletePlan) -> Vec<PathBuf> {
             Merge::Drop | Merge::Keep { .. } => {}
         }
     }
-    let removed = plan.snapshot.as_str();
-    let parent = record.snapshot(removed).and_then(|s| s.parent.clone());
+    remove_snapshot(record, &plan.snapshot);
+    prune(record)
+}
+
+/// Drops snapshot `name` from the record: its children now descend from its
+/// parent, and so does the current state if it descended from `name`.
+pub(crate) fn remove_snapshot(record: &mut Record, name: &str) {
+    let parent = record.snapshot(name).and_then(|s| s.parent.clone());
     for s in &mut record.snapshots {
-        if s.parent.as_deref() == Some(removed) {
+        if s.parent.as_deref() == Some(name) {
             s.parent = parent.clone();
         }
     }
-    if record.current.as_deref() == Some(removed) {
+    if record.current.as_deref() == Some(name) {
         record.current = parent;
     }
-    record.snapshots.retain(|s| s.name != removed);
-    prune(record)
+    record.snapshots.retain(|s| s.name != name);
 }
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -553,7 +560,7 @@ pub(crate) async fn run_jobs(
             }
         }
         actives.push(job.active);
-        stale_nodes.push(job.stale_node.clone());
+        stale_nodes.extend(job.stale_nodes.iter().cloned());
     }
     // Drive every job to `pending`; active commits pass through `ready`.
     let deadline = std::time::Instant::now() + options.timeout.unwrap_or(JOB_TIMEOUT);

@@ -25,7 +25,7 @@ use qmp_client::Client;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::delete::{JobOptions, LiveJob, run_jobs};
+use crate::delete::{JobOptions, LiveJob, remove_snapshot, run_jobs};
 use crate::error::{Error, Result};
 use crate::graph::LiveGraph;
 use crate::images;
@@ -167,7 +167,8 @@ pub fn plan_commit(
                 command: "block-commit".into(),
                 arguments,
                 active,
-                stale_node: nodes[t].clone(),
+                // The top and every layer merged with it leave the chain.
+                stale_nodes: nodes[t..b].to_vec(),
             })
         }
         None => None,
@@ -229,7 +230,8 @@ pub fn plan_pull(
                 command: "block-stream".into(),
                 arguments,
                 active: false,
-                stale_node: nodes[1].clone(),
+                // Every layer above the base leaves the active chain.
+                stale_nodes: nodes[1..b.unwrap_or(nodes.len())].to_vec(),
             })
         }
         None => None,
@@ -311,16 +313,7 @@ impl RawPlan {
         match &self.merge {
             RawMerge::Commit { top, base } => {
                 for name in &self.removed_snapshots {
-                    let parent = record.snapshot(name).and_then(|s| s.parent.clone());
-                    for s in &mut record.snapshots {
-                        if s.parent.as_deref() == Some(name.as_str()) {
-                            s.parent = parent.clone();
-                        }
-                    }
-                    if record.current.as_deref() == Some(name.as_str()) {
-                        record.current = parent;
-                    }
-                    record.snapshots.retain(|s| &s.name != name);
+                    remove_snapshot(record, name);
                 }
                 for layer in record.layers.values_mut() {
                     if layer.backing.as_deref() == Some(top) {
@@ -378,19 +371,22 @@ pub async fn run(
     let outcome = match (&plan.job, client) {
         (Some(job), Some(c)) => match run_jobs(c, &[job], options).await {
             Ok(()) => {
-                delete_unused_nodes(c, std::slice::from_ref(&job.stale_node)).await;
+                delete_unused_nodes(c, &job.stale_nodes).await;
                 Ok(())
             }
             Err(stopped) if stopped.commit_started => {
                 // The base has been written in part: its snapshot's state is gone.
                 let gone = plan.removed_snapshots.clone();
                 for name in &gone {
-                    record.snapshots.retain(|s| &s.name != name);
+                    remove_snapshot(record, name);
                 }
                 lock.resolve(record, journal)?;
+                let cause = match stopped.error {
+                    Error::Interrupted => "interrupted".to_owned(),
+                    e => e.to_string(),
+                };
                 return Err(Error::Drift(format!(
-                    "{}: the commit was cancelled after it had started writing into {}; {} removed from the record; the chain is unchanged",
-                    stopped.error,
+                    "{cause}: the commit was cancelled after it had started writing into {}; {} removed from the record; the chain is unchanged",
                     written.display(),
                     if gone.is_empty() {
                         "no snapshot".to_owned()

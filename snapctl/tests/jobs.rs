@@ -587,9 +587,6 @@ fn commit_with_base_live() {
 /// An intermediate commit merges two layers (vda.s3 and vda.s2) into
 /// vda.s1: both must be closed in QEMU and their files removed.
 #[test]
-#[ignore = "bug: a live commit over several layers closes only the top layer's node; the \
-            intermediate layer stays open in QEMU and its file is kept (\"QEMU still has it open\"), \
-            a stray file the record no longer knows"]
 fn commit_with_base_live_closes_and_removes_the_merged_layers() {
     let mut vm = one_disk(false);
     let history = four_snapshots(&mut vm);
@@ -711,9 +708,6 @@ fn pull_with_base_live() {
 /// locks make later offline merges of them (deleting the snapshots that
 /// hold them) fail.
 #[test]
-#[ignore = "bug: a live pull over several layers closes only the layer right below the \
-            active image; the others stay open in QEMU, and a later delete of their \
-            snapshots fails with qemu-img's 'Failed to get \"write\" lock'"]
 fn pull_with_base_live_closes_the_layers_it_leaves() {
     let mut vm = one_disk(false);
     let mut history = four_snapshots(&mut vm);
@@ -852,11 +846,6 @@ fn cancel_mid_pull() {
 /// layer into s2's frozen image: s2 (the current snapshot) must leave the
 /// record, its place taken by its parent, and the record stay valid.
 #[test]
-#[ignore = "bug: after a cancelled commit, merge::run drops the snapshots from the record \
-            without re-linking their children or moving `current`; saving the record \
-            then fails validation ('current snapshot s2 is not in the record'), so s2 stays \
-            listed though its frozen image was partly overwritten, and the journal entry \
-            stays unresolved (check exits 3)"]
 fn cancel_mid_active_commit() {
     let mut vm = one_disk(false);
     // The bulk range sits in the active image: the active commit into s2's
