@@ -36,7 +36,7 @@ use crate::revert::{delete_unused_nodes, prune, refuse_running_jobs, remove_file
 use crate::store::VmLock;
 
 /// How one disk's boundary is merged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "merge", rename_all = "kebab-case")]
 pub enum Merge {
     /// Commit `top` (the layer above the frozen image) into `base` (the frozen image).
@@ -50,7 +50,7 @@ pub enum Merge {
 }
 
 /// The QEMU job that merges one disk's boundary.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct LiveJob {
     pub id: String,
     /// `block-commit` or `block-stream`.
@@ -63,7 +63,7 @@ pub struct LiveJob {
 }
 
 /// One disk's part of a delete.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DiskDelete {
     pub disk: String,
     pub frozen: PathBuf,
@@ -80,7 +80,7 @@ impl DiskDelete {
 }
 
 /// A planned delete of one snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DeletePlan {
     pub snapshot: String,
     pub disks: Vec<DiskDelete>,
@@ -369,7 +369,7 @@ pub(crate) fn job_arguments(job: &LiveJob, options: &JobOptions) -> Value {
 
 /// The record after the merges and the removal of the snapshot. Returns the
 /// owned files nothing needs any more.
-fn apply(record: &mut Record, plan: &DeletePlan) -> Vec<PathBuf> {
+pub(crate) fn apply(record: &mut Record, plan: &DeletePlan) -> Vec<PathBuf> {
     for d in &plan.disks {
         match &d.merge {
             Merge::Commit { top, base } => {
@@ -425,7 +425,7 @@ pub(crate) fn remove_snapshot(record: &mut Record, name: &str) {
 const JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// A merge job's progress, in bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Progress {
     pub job: String,
     pub current: u64,
@@ -526,6 +526,7 @@ pub async fn run(
             lock.resolve(record, journal)?;
             return Err(e);
         }
+        crate::fault::point("delete:merged-offline");
     }
     let files = apply(record, plan);
     lock.resolve(record, journal)?;
@@ -562,6 +563,7 @@ pub(crate) async fn run_jobs(
         actives.push(job.active);
         stale_nodes.extend(job.stale_nodes.iter().cloned());
     }
+    crate::fault::point("jobs:started");
     // Drive every job to `pending`; active commits pass through `ready`.
     let deadline = std::time::Instant::now() + options.timeout.unwrap_or(JOB_TIMEOUT);
     let mut failure = None;
@@ -593,6 +595,7 @@ pub(crate) async fn run_jobs(
             commit_started,
         });
     }
+    crate::fault::point("jobs:pending");
     // The point of no return, for all disks together.
     let late = |error: Error| Stopped {
         error,
@@ -601,6 +604,11 @@ pub(crate) async fn run_jobs(
     for (job, _) in &jobs {
         job.finalize().await.map_err(|e| late(e.into()))?;
     }
+    for (job, _) in &mut jobs {
+        // Errors surface again, with the job's text, from `finish` below.
+        let _ = job.wait_concluded(JOB_TIMEOUT).await;
+    }
+    crate::fault::point("jobs:finalized");
     let mut errors = Vec::new();
     for (job, _) in &mut jobs {
         if let Err(e) = job.finish(JOB_TIMEOUT).await {

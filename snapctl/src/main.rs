@@ -440,6 +440,10 @@ async fn check_cmd(cli: &Cli, store: &Store, vm: &str, repair: bool) -> anyhow::
         return Err(snapctl::Error::UnknownVm { vm: vm.to_owned() }.into());
     };
     let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
+    let mut changes = Vec::new();
+    if repair {
+        changes = snapctl::recover::recover(client.as_ref(), &lock, &mut record).await?;
+    }
     let (live, jobs) = match &client {
         Some(c) => {
             let live = graph::read(c).await?;
@@ -457,9 +461,7 @@ async fn check_cmd(cli: &Cli, store: &Store, vm: &str, repair: bool) -> anyhow::
         }
         None => (None, Vec::new()),
     };
-    let mut changes = Vec::new();
     if repair {
-        changes = snapctl::recover::recover(client.as_ref(), &lock, &mut record).await?;
         let adopted = check::repair(&mut record, live.as_ref());
         if !adopted.is_empty() {
             lock.save(&record)?;

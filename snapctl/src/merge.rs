@@ -36,7 +36,7 @@ use crate::revert::{delete_unused_nodes, prune, refuse_running_jobs, remove_file
 use crate::store::VmLock;
 
 /// What a raw operation does to the chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "operation", rename_all = "kebab-case")]
 pub enum RawMerge {
     Commit {
@@ -50,7 +50,7 @@ pub enum RawMerge {
 }
 
 /// A planned `commit` or `pull`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RawPlan {
     pub disk: String,
     pub merge: RawMerge,

@@ -28,7 +28,7 @@ use crate::record::{Layer, Record};
 use crate::store::VmLock;
 
 /// A layer of the target's chain that QEMU does not have open (another branch).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct OpenLayer {
     pub path: PathBuf,
     pub format: String,
@@ -38,7 +38,7 @@ pub struct OpenLayer {
 }
 
 /// One disk's part of a revert.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DiskRevert {
     pub disk: String,
     /// The snapshot's frozen image for this disk: the new overlay's backing.
@@ -60,7 +60,7 @@ pub struct DiskRevert {
 }
 
 /// A planned revert.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RevertPlan {
     pub snapshot: String,
     /// QEMU runs: the live recipe; otherwise the offline one.
@@ -388,6 +388,7 @@ pub async fn run_live(
         return Err(e);
     }
 
+    crate::fault::point("revert:prepared");
     // The switch. From here on the new overlays are in use: nothing is undone.
     let mut warnings = Vec::new();
     for d in &plan.disks {
@@ -402,6 +403,7 @@ pub async fn run_live(
             )
             .await?;
     }
+    crate::fault::point("revert:switched");
     for d in &plan.disks {
         delete_unused_nodes(client, &d.old_nodes).await;
     }

@@ -105,3 +105,135 @@ fn create_killed_after_adding_nodes_rolls_back() {
 fn create_killed_after_the_transaction_completes() {
     killed_create_is_recovered("create:switched", true);
 }
+
+/// Three snapshots with known data on vda: 0x11 before s1, 0x22 before s2,
+/// 0x33 before s3, 0x44 after.
+fn three_snapshots() -> Vm {
+    let mut vm = Vm::two_disks();
+    vm.snapctl.args(["init"]).ok();
+    for (i, name) in ["s1", "s2", "s3"].iter().enumerate() {
+        vm.monitor
+            .write("vda", 0x11 * (i as u8 + 1), i as u64 * K64, K64);
+        vm.snapctl.args(["create", name]).ok();
+    }
+    vm.monitor.write("vda", 0x44, 3 * K64, K64);
+    vm
+}
+
+/// Every remaining snapshot still reads its data (after QEMU quits).
+fn assert_snapshots_intact(vm: &mut Vm, live_reads: &[(u8, u64)]) {
+    for (pattern, at) in live_reads {
+        vm.monitor
+            .qemu_io("vda", &format!("read -P {pattern:#x} {at} 64k"));
+    }
+    let list = vm.snapctl.args(["list"]).json();
+    let frozen: Vec<(String, String)> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["disks"]["vda"]["image"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        vm.snapctl.args(["check"]).json()["drift"],
+        serde_json::json!([])
+    );
+    vm.quit();
+    assert!(
+        !vm.qemu
+            .stdout_text()
+            .contains("Pattern verification failed"),
+        "{}",
+        vm.qemu.stdout_text()
+    );
+    for (name, image) in frozen {
+        let n: u8 = name[1..].parse().unwrap();
+        for k in 1..n {
+            assert!(
+                integration::image::read_pattern_ok(
+                    std::path::Path::new(&image),
+                    0x11 * k,
+                    (k as u64 - 1) * K64,
+                    K64
+                ),
+                "{name} lost the data written before s{k}"
+            );
+        }
+    }
+}
+
+fn killed_delete_is_recovered(point: &str, victim: &str) {
+    let mut vm = three_snapshots();
+    let output = vm
+        .snapctl
+        .args(["delete", victim])
+        .env("SNAPCTL_FAULT", point)
+        .run();
+    assert_eq!(output.status.signal(), Some(9), "{output:?}");
+    let repair = vm.snapctl.args(["check", "--repair"]).run();
+    assert_eq!(repair.status.code(), Some(0), "{repair:?}");
+    let list = vm.snapctl.args(["list"]).json();
+    assert!(
+        !list.to_string().contains(&format!("\"{victim}\"")),
+        "{victim} is gone after recovery: {list}"
+    );
+    assert!(vm.monitor.jobs().is_empty(), "no job is left behind");
+    assert_snapshots_intact(
+        &mut vm,
+        &[(0x11, 0), (0x22, K64), (0x33, 2 * K64), (0x44, 3 * K64)],
+    );
+}
+
+#[test]
+fn delete_killed_after_starting_jobs() {
+    killed_delete_is_recovered("jobs:started", "s2");
+}
+
+#[test]
+fn delete_killed_with_jobs_pending() {
+    killed_delete_is_recovered("jobs:pending", "s2");
+}
+
+#[test]
+fn delete_killed_after_finalizing() {
+    killed_delete_is_recovered("jobs:finalized", "s2");
+}
+
+#[test]
+fn active_commit_killed_with_jobs_pending() {
+    killed_delete_is_recovered("jobs:pending", "s3");
+}
+
+fn killed_revert_is_recovered(point: &str, switched: bool) {
+    let mut vm = three_snapshots();
+    let output = vm
+        .snapctl
+        .args(["revert", "s1"])
+        .env("SNAPCTL_FAULT", point)
+        .run();
+    assert_eq!(output.status.signal(), Some(9), "{output:?}");
+    vm.snapctl.args(["check", "--repair"]).ok();
+    let list = vm.snapctl.args(["list"]).json();
+    let current = if switched { "s1" } else { "s3" };
+    assert_eq!(list["current"], current, "{list}");
+    let reads: &[(u8, u64)] = if switched {
+        &[(0x00, K64)]
+    } else {
+        &[(0x22, K64), (0x44, 3 * K64)]
+    };
+    assert_snapshots_intact(&mut vm, reads);
+}
+
+#[test]
+fn revert_killed_before_the_switch_rolls_back() {
+    killed_revert_is_recovered("revert:prepared", false);
+}
+
+#[test]
+fn revert_killed_after_the_switch_completes() {
+    killed_revert_is_recovered("revert:switched", true);
+}
