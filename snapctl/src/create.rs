@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures_util::future::join_all;
 use qmp_client::{Client, GuestAgent};
 use serde_json::json;
 
@@ -66,6 +67,20 @@ pub(crate) struct Undo {
 }
 
 impl Undo {
+    /// Records the nodes that were added, then fails with the first error.
+    fn track(&mut self, added: Vec<qmp_client::Result<String>>) -> Result<()> {
+        let mut first_error = None;
+        for result in added {
+            match result {
+                Ok(node) => self.nodes.push(node),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), |e| Err(e.into()))
+    }
+
     pub(crate) async fn run(self, client: &Client) {
         if self.committed {
             return;
@@ -157,31 +172,39 @@ async fn apply(
     for d in &plan.disks {
         images::claim_file(&d.overlay)?;
         undo.files.push(d.overlay.clone());
+    }
+    // Each step is sent for every disk at once: QEMU still runs them one by
+    // one, but the round trips overlap.
+    let files = plan.disks.iter().map(|d| async {
         client
             .execute_raw("blockdev-add", CreatePlan::file_blockdev(d))
-            .await?;
-        undo.nodes.push(d.file_node.clone());
-    }
-    // Format every overlay at once: one job per disk, run concurrently.
+            .await
+            .map(|_| d.file_node.clone())
+    });
+    undo.track(join_all(files).await)?;
+    let starts = plan.disks.iter().map(|d| {
+        client.start_job_raw(
+            &d.create_job,
+            "blockdev-create",
+            CreatePlan::overlay_create(d),
+        )
+    });
     let mut jobs = Vec::new();
-    for d in &plan.disks {
-        let args = CreatePlan::overlay_create(d);
-        jobs.push(
-            client
-                .start_job_raw(&d.create_job, "blockdev-create", args)
-                .await?,
-        );
+    for started in join_all(starts).await {
+        jobs.push(started?);
     }
-    for job in &mut jobs {
-        job.finish(CREATE_JOB_TIMEOUT).await?;
+    let finished = jobs.iter_mut().map(|job| job.finish(CREATE_JOB_TIMEOUT));
+    for result in join_all(finished).await {
+        result?;
     }
     crate::fault::point("create:formatted");
-    for d in &plan.disks {
+    let overlays = plan.disks.iter().map(|d| async {
         client
             .execute_raw("blockdev-add", CreatePlan::overlay_blockdev(d))
-            .await?;
-        undo.nodes.push(d.overlay_node.clone());
-    }
+            .await
+            .map(|_| d.overlay_node.clone())
+    });
+    undo.track(join_all(overlays).await)?;
     interrupt.check()?;
     crate::fault::point("create:added");
     let Some(agent) = agent.filter(|_| plan.quiesce) else {
