@@ -64,6 +64,10 @@ const ERROR: &str = "SNAPGUEST ERROR";
 /// What the guest prints before the number of each durable record it reports.
 const RECORD: &str = "SNAPGUEST RECORD ";
 
+/// What the guest prints, before `READY`, when its disk already held records
+/// 1 to n (followed by n): numbering goes on at n + 1.
+const RESUME: &str = "SNAPGUEST RESUME ";
+
 /// How much of the console is printed when something fails.
 const CONSOLE_TAIL_LINES: usize = 30;
 
@@ -363,13 +367,73 @@ impl Guest {
         seen
     }
 
+    /// A mark at the end of what the console holds now (its length in
+    /// bytes), for [`Guest::console_since`] and the `*_since` waits: what the
+    /// guest prints after an event, such as the boot that a reset starts.
+    pub fn console_mark(&self) -> usize {
+        std::fs::metadata(&self.console).map_or(0, |m| m.len() as usize)
+    }
+
+    /// What the guest has printed on its console after `mark`.
+    pub fn console_since(&self, mark: usize) -> String {
+        std::fs::read(&self.console)
+            .map(|bytes| {
+                String::from_utf8_lossy(bytes.get(mark..).unwrap_or_default()).into_owned()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until the guest prints `SNAPGUEST READY` after `mark` (a boot
+    /// that began after it) and returns the n of the `SNAPGUEST RESUME n`
+    /// that boot printed before it: `None` when its disk held no records.
+    /// Panics like [`Guest::wait_ready`], on an error printed after `mark`.
+    #[track_caller]
+    pub fn wait_ready_since(&mut self, mark: usize, timeout: Duration) -> Option<u64> {
+        let mut resumed = None;
+        self.wait_console_since(mark, timeout, "the guest to boot again", |console| {
+            let Some(ready) = console.find(READY) else {
+                return false;
+            };
+            resumed = resume_point(&console[..ready]);
+            true
+        });
+        resumed
+    }
+
+    /// Waits until the guest has reported, after `mark`, record `n` or a
+    /// later one; returns the numbers of the records reported after `mark`
+    /// (lowest first). Panics like [`Guest::wait_ready`].
+    #[track_caller]
+    pub fn wait_for_records_since(&mut self, mark: usize, n: u64, timeout: Duration) -> Vec<u64> {
+        let mut seen = Vec::new();
+        self.wait_console_since(mark, timeout, &format!("record {n}"), |console| {
+            seen = record_numbers(console).collect();
+            seen.iter().any(|&r| r >= n)
+        });
+        seen.sort_unstable();
+        seen
+    }
+
     /// Polls the console until `done` holds; fails fast on a guest error or
     /// QEMU's exit.
     #[track_caller]
-    fn wait_console(&mut self, timeout: Duration, what: &str, mut done: impl FnMut(&str) -> bool) {
+    fn wait_console(&mut self, timeout: Duration, what: &str, done: impl FnMut(&str) -> bool) {
+        self.wait_console_since(0, timeout, what, done);
+    }
+
+    /// Polls the console after `mark` until `done` holds for it; fails fast
+    /// on a guest error printed after `mark` or QEMU's exit.
+    #[track_caller]
+    fn wait_console_since(
+        &mut self,
+        mark: usize,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&str) -> bool,
+    ) {
         let start = Instant::now();
         loop {
-            let console = self.console_text();
+            let console = self.console_since(mark);
             if done(&console) {
                 return;
             }
@@ -387,7 +451,7 @@ impl Guest {
                 "waiting for {what}: {problem} (last record seen: {})\n--- console ({}), last lines\n{}",
                 highest_record(&console),
                 self.console.display(),
-                last_lines(&console, CONSOLE_TAIL_LINES),
+                last_lines(&self.console_text(), CONSOLE_TAIL_LINES),
             );
         }
     }
@@ -421,20 +485,31 @@ impl Drop for Guest {
 
 /// The highest n of the `SNAPGUEST RECORD n` lines in `console`.
 fn highest_record(console: &str) -> u64 {
-    console
-        .match_indices(RECORD)
-        .filter_map(|(at, _)| {
-            let rest = &console[at + RECORD.len()..];
-            let end = rest
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(rest.len());
-            // A line still being written may end in the middle of the number.
-            rest[end..]
-                .starts_with(['\r', '\n'])
-                .then(|| rest[..end].parse().ok())?
-        })
-        .max()
-        .unwrap_or(0)
+    record_numbers(console).max().unwrap_or(0)
+}
+
+/// The n of every complete `SNAPGUEST RECORD n` line in `console`, in order.
+fn record_numbers(console: &str) -> impl Iterator<Item = u64> + '_ {
+    numbers_after(console, RECORD)
+}
+
+/// The n of the last complete `SNAPGUEST RESUME n` line in `console`.
+fn resume_point(console: &str) -> Option<u64> {
+    numbers_after(console, RESUME).last()
+}
+
+/// The numbers that follow `prefix` on complete lines of `console`.
+fn numbers_after<'a>(console: &'a str, prefix: &'a str) -> impl Iterator<Item = u64> + 'a {
+    console.match_indices(prefix).filter_map(move |(at, _)| {
+        let rest = &console[at + prefix.len()..];
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        // A line still being written may end in the middle of the number.
+        rest[end..]
+            .starts_with(['\r', '\n'])
+            .then(|| rest[..end].parse().ok())?
+    })
 }
 
 /// The last `n` lines of `text`.
@@ -577,6 +652,61 @@ pub fn check_filesystem(image: &Path) -> FilesystemReport {
     }
 }
 
+/// The bytes of `records.log` in the ext4 filesystem of a disk image, to
+/// compare records between images ([`check_records`] only counts them).
+///
+/// Converts `image` (with its backing chain, `qemu-img convert -U`) to a raw
+/// file in a temporary directory, replays the journal there when the
+/// superblock has `needs_recovery` (as the kernel would on mount), and
+/// dumps the file with `debugfs`. The image itself is never written. Panics
+/// when a tool fails or the filesystem has no `/records.log`.
+#[track_caller]
+pub fn records_log(image: &Path) -> Vec<u8> {
+    require_tool("qemu-img");
+    let tmp = tempfile::Builder::new()
+        .prefix("sc-records-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"));
+    let raw = tmp.path().join("disk.raw");
+    let mut convert = Command::new("qemu-img");
+    convert
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(absolute(image))
+        .arg(&raw);
+    run(&mut convert);
+
+    let mut dumpe2fs = Command::new("dumpe2fs");
+    dumpe2fs.arg("-h").arg(&raw).env("LC_ALL", "C");
+    let header = String::from_utf8_lossy(&run(&mut dumpe2fs).stdout).into_owned();
+    let needs_recovery = header
+        .lines()
+        .find_map(|line| line.strip_prefix("Filesystem features:"))
+        .is_some_and(|features| features.split_whitespace().any(|f| f == "needs_recovery"));
+    if needs_recovery {
+        let mut replay = Command::new("e2fsck");
+        replay.args(["-E", "journal_only", "-y"]).arg(&raw);
+        let replayed = output_of(&mut replay);
+        if !matches!(replayed.status.code(), Some(0 | 1)) {
+            fail_command(&replay, &replayed);
+        }
+    }
+
+    let dump = tmp.path().join("records.log");
+    let mut debugfs = Command::new("debugfs");
+    debugfs
+        .arg("-R")
+        .arg(format!("dump /records.log {}", dump.display()))
+        .arg(&raw);
+    let dumped = run(&mut debugfs);
+    std::fs::read(&dump).unwrap_or_else(|e| {
+        panic!(
+            "{}: no /records.log in its filesystem ({e})\n{}",
+            image.display(),
+            String::from_utf8_lossy(&dumped.stderr)
+        )
+    })
+}
+
 /// Runs `command`; panics with everything it printed unless it exits 0.
 #[track_caller]
 fn run(command: &mut Command) -> Output {
@@ -632,6 +762,17 @@ mod tests {
                        SNAPGUEST RECORD 10\r\nSNAPGUEST RECORD 20\nSNAPGUEST RECORD 3";
         assert_eq!(highest_record(console), 20);
         assert_eq!(highest_record("SNAPGUEST READY\n"), 0);
+    }
+
+    #[test]
+    fn record_numbers_and_the_resume_point_of_a_second_boot() {
+        let console = "SNAPGUEST RECORD 1\r\nSNAPGUEST RECORD 40\r\n[    0.0] Linux\r\n\
+                       SNAPGUEST RESUME 23\r\nSNAPGUEST READY\r\nSNAPGUEST RECORD 24\r\n\
+                       SNAPGUEST RECORD 25\r\nSNAPGUEST RECORD 2";
+        assert_eq!(record_numbers(console).collect::<Vec<_>>(), [1, 40, 24, 25]);
+        assert_eq!(resume_point(console), Some(23));
+        assert_eq!(resume_point("SNAPGUEST RESUME 7"), None);
+        assert_eq!(resume_point("SNAPGUEST READY\n"), None);
     }
 
     #[test]
