@@ -134,6 +134,18 @@ async fn recover_revert(
     record: &mut Record,
     plan: &RevertPlan,
 ) -> Result<String> {
+    let recorded = plan.disks.iter().all(|d| {
+        record
+            .disks
+            .get(&d.disk)
+            .is_some_and(|disk| disk.active == d.overlay)
+    });
+    if recorded && client.is_none() {
+        return Ok(format!(
+            "the interrupted revert to {} had switched the disks and is recorded; QEMU is not running: start it with `snapctl qemu-args`",
+            plan.snapshot
+        ));
+    }
     let live = match client {
         Some(c) => Some(graph::read(c).await?),
         None => None,

@@ -404,14 +404,36 @@ pub async fn run_live(
             .await?;
     }
     crate::fault::point("revert:switched");
+    // The devices use the new overlays: record that now, with the journal
+    // entry still open until the guest has been reset (a guest resumed on a
+    // swapped disk without a reset would corrupt it; recovery resets it).
+    let files = plan.apply(record);
+    lock.save(record)?;
     for d in &plan.disks {
         delete_unused_nodes(client, &d.old_nodes).await;
     }
-    client.execute_raw("system_reset", Value::Null).await?;
-    if !plan.paused {
-        client.execute_raw("cont", Value::Null).await?;
+    let reset = async {
+        client.execute_raw("system_reset", Value::Null).await?;
+        if !plan.paused {
+            client.execute_raw("cont", Value::Null).await?;
+        }
+        Ok::<(), qmp_client::Error>(())
+    };
+    match reset.await {
+        Ok(()) => {}
+        // QEMU started with -no-reboot exits instead of resetting.
+        Err(e) if e.is_closed() => {
+            lock.resolve(record, journal)?;
+            warnings.push(
+                "QEMU exited at the guest reset (was it started with -no-reboot?): the disks \
+                 are reverted; start QEMU again with `snapctl qemu-args`"
+                    .to_owned(),
+            );
+            warnings.extend(remove_files(&files, None));
+            return Ok(warnings);
+        }
+        Err(e) => return Err(e.into()),
     }
-    let files = plan.apply(record);
     lock.resolve(record, journal)?;
     let graph = crate::graph::read(client).await?;
     warnings.extend(remove_files(&files, Some(&graph)));

@@ -302,3 +302,41 @@ fn qemu_killed_during_an_active_commit() {
 fn qemu_killed_during_a_stream() {
     qemu_killed_during(&["pull", "vda"]);
 }
+
+/// A QEMU started with `-no-reboot` exits at the guest reset of a live revert:
+/// the revert is complete and recorded, and QEMU restarted from `qemu-args`
+/// runs on the snapshot's state.
+#[test]
+fn revert_on_a_no_reboot_qemu_is_recorded_and_restartable() {
+    let dir = integration::WorkDir::new();
+    let img = dir.join("img");
+    std::fs::create_dir(&img).unwrap();
+    let base = img.join("base.qcow2");
+    integration::image::create_qcow2(&base, 8 * 1024 * 1024);
+    let builder = integration::QemuBuilder::new()
+        .blockdev_chain("vda", &[("base", &base)])
+        .arg("-no-reboot");
+    let mut vm = three_snapshots_on(Vm::start(dir, builder), 0);
+    let out = vm.snapctl.args(["revert", "s1"]).ok();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("qemu-args"),
+        "{out:?}"
+    );
+    assert!(
+        vm.qemu
+            .wait_exit(std::time::Duration::from_secs(10))
+            .is_some(),
+        "QEMU exits at the reset"
+    );
+    assert_eq!(vm.snapctl.args(["list"]).json()["current"], "s1");
+    let qemu_args: Vec<String> =
+        serde_json::from_value(vm.snapctl.args(["qemu-args"]).json()).unwrap();
+    vm.restart(&qemu_args);
+    assert_eq!(
+        vm.snapctl.args(["check"]).json()["drift"],
+        serde_json::json!([])
+    );
+    // s1's state: nothing written yet at 64k (s2's data is not there).
+    vm.monitor.qemu_io("vda", "read -P 0 64k 64k");
+    assert_snapshots_intact(&mut vm, &[]);
+}
