@@ -84,3 +84,57 @@ pub use message::{Event, Greeting, Version};
 pub use qga::{FreezeStatus, GuestAgent};
 
 pub use qapi;
+
+/// Runs `bytes` through everything the client does with a peer's bytes before
+/// typed decoding: line framing (fed whole and in small pieces, which must
+/// agree), the JSON parse with its depth limit, greeting parsing and message
+/// classification. Panics only on a broken invariant. For fuzzing; not part of
+/// the API.
+#[doc(hidden)]
+pub fn fuzz_decode(bytes: &[u8]) {
+    use tokio_util::codec::Decoder;
+    const MAX_LINE: usize = 4096;
+    const MAX_DEPTH: usize = 64;
+    let (mode, input) = bytes.split_first().map_or((0, bytes), |(m, r)| (*m, r));
+    let frames = |chunk: usize| {
+        let mut codec = codec::LineCodec::new(MAX_LINE);
+        if mode & 1 == 1 {
+            codec.skip_to_delimiter();
+        }
+        let mut buf = bytes::BytesMut::new();
+        let mut out = Vec::new();
+        for piece in input.chunks(chunk.max(1)) {
+            buf.extend_from_slice(piece);
+            loop {
+                match codec.decode(&mut buf) {
+                    Ok(Some(line)) => out.push(Ok(line.to_vec())),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e.to_string()));
+                        return out;
+                    }
+                }
+            }
+        }
+        match codec.decode_eof(&mut buf) {
+            Ok(Some(line)) => out.push(Ok(line.to_vec())),
+            Ok(None) => {}
+            Err(e) => out.push(Err(e.to_string())),
+        }
+        out
+    };
+    let whole = frames(input.len());
+    assert_eq!(
+        whole,
+        frames(usize::from(mode >> 1) + 1),
+        "framing depends on chunking"
+    );
+    for line in whole.into_iter().filter_map(Result::ok) {
+        assert!(line.len() <= MAX_LINE && !line.contains(&b'\n'));
+        let Ok(value) = codec::parse_json(&line, MAX_DEPTH) else {
+            continue;
+        };
+        let _ = message::Greeting::parse(&value);
+        let _ = message::Incoming::classify(value);
+    }
+}

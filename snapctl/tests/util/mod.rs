@@ -832,3 +832,21 @@ impl TestCommand {
         self
     }
 }
+
+impl TestCommand {
+    /// Runs the command in `dir` instead of the test's working directory.
+    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> TestCommand {
+        self.command.current_dir(dir);
+        self
+    }
+}
+
+/// The permission bits of a file or directory (`0o600`), not following a symlink.
+pub fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("cannot stat {}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
