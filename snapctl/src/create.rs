@@ -1,9 +1,9 @@
 //! Running a [`CreatePlan`]: the external snapshot of several disks at once.
 //!
 //! Order (QEMU-NOTES §2.2, §6): claim each overlay file (`O_EXCL`, never over
-//! an existing file), let QEMU write its qcow2 header with `blockdev-create`
-//! (the backing string is the frozen image's path as QEMU names it),
-//! `blockdev-add` the overlays with no backing, optionally
+//! an existing file) and write its qcow2 header (the backing string is the
+//! frozen image's path as QEMU names it), `blockdev-add` the overlays with no
+//! backing, optionally
 //! freeze the guest's filesystems, one `transaction` of `blockdev-snapshot`
 //! actions (all disks or none), thaw in every path, then update the record.
 //! The journal entry is written before the first change; on failure every
@@ -24,9 +24,6 @@ use crate::images;
 use crate::plan::CreatePlan;
 use crate::record::Record;
 use crate::store::VmLock;
-
-/// Writing a qcow2 header is a few small writes; this only bounds a hung QEMU.
-const CREATE_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Set when the user asked to stop (SIGINT/SIGTERM). Operations check it at
 /// points where stopping leaves a consistent state.
@@ -170,32 +167,19 @@ async fn apply(
     undo: &mut Undo,
 ) -> Result<Vec<String>> {
     for d in &plan.disks {
-        images::claim_file(&d.overlay)?;
+        let mut file = images::claim_file(&d.overlay)?;
         undo.files.push(d.overlay.clone());
-    }
-    // Each step is sent for every disk at once: QEMU still runs them one by
-    // one, but the round trips overlap.
-    let files = plan.disks.iter().map(|d| async {
-        client
-            .execute_raw("blockdev-add", CreatePlan::file_blockdev(d))
-            .await
-            .map(|_| d.file_node.clone())
-    });
-    undo.track(join_all(files).await)?;
-    let starts = plan.disks.iter().map(|d| {
-        client.start_job_raw(
-            &d.create_job,
-            "blockdev-create",
-            CreatePlan::overlay_create(d),
+        images::write_qcow2_overlay(
+            &mut file,
+            d.virtual_size,
+            &d.frozen.to_string_lossy(),
+            &d.frozen_format,
         )
-    });
-    let mut jobs = Vec::new();
-    for started in join_all(starts).await {
-        jobs.push(started?);
-    }
-    let finished = jobs.iter_mut().map(|job| job.finish(CREATE_JOB_TIMEOUT));
-    for result in join_all(finished).await {
-        result?;
+        .map_err(|source| Error::Io {
+            action: "write overlay",
+            path: d.overlay.clone(),
+            source,
+        })?;
     }
     crate::fault::point("create:formatted");
     let overlays = plan.disks.iter().map(|d| async {

@@ -21,6 +21,14 @@ use crate::record::{DeviceBinding, Disk, Layer, Record, Snapshot, SnapshotDisk, 
 pub enum Step {
     /// Create a new, empty file (refusing an existing file or a symlink).
     CreateFile { path: PathBuf },
+    /// Create a new qcow2 overlay file (refusing an existing file or a
+    /// symlink) with `backing` written into its header.
+    CreateOverlay {
+        path: PathBuf,
+        backing: String,
+        backing_format: String,
+        size: u64,
+    },
     /// A guest-agent command.
     GuestAgent { command: String },
     /// A QMP command.
@@ -37,6 +45,16 @@ impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Step::CreateFile { path } => write!(f, "create empty file {}", path.display()),
+            Step::CreateOverlay {
+                path,
+                backing,
+                backing_format,
+                size,
+            } => write!(
+                f,
+                "create overlay {} (qcow2, {size} bytes, backing {backing} as {backing_format})",
+                path.display()
+            ),
             Step::GuestAgent { command } => write!(f, "guest agent: {command}"),
             Step::Qmp { command, arguments } => write!(f, "qmp: {command} {arguments}"),
             Step::Tool { command } => write!(f, "run: {command}"),
@@ -70,10 +88,8 @@ pub struct DiskSnapshot {
     /// The new active image.
     pub overlay: PathBuf,
     pub overlay_node: String,
-    /// The protocol node under the overlay, added first so QEMU can format it.
+    /// The protocol node under the overlay.
     pub file_node: String,
-    /// The `blockdev-create` job that writes the overlay's qcow2 header.
-    pub create_job: String,
     pub virtual_size: u64,
 }
 
@@ -89,35 +105,13 @@ pub struct CreatePlan {
 }
 
 impl CreatePlan {
-    /// The `blockdev-add` arguments for the overlay's file, as a protocol node.
-    pub fn file_blockdev(d: &DiskSnapshot) -> Value {
-        json!({ "driver": "file", "node-name": d.file_node, "filename": d.overlay })
-    }
-
-    /// The `blockdev-create` arguments that write the overlay's qcow2 header
-    /// into its file, with the frozen image's path (as QEMU names it) as the
-    /// backing string. Creating the image inside QEMU instead of running
-    /// `qemu-img create` saves a process start per disk.
-    pub fn overlay_create(d: &DiskSnapshot) -> Value {
-        json!({
-            "job-id": d.create_job,
-            "options": {
-                "driver": "qcow2",
-                "file": d.file_node,
-                "size": d.virtual_size,
-                "backing-file": d.frozen,
-                "backing-fmt": d.frozen_format,
-            },
-        })
-    }
-
     /// The `blockdev-add` arguments for one overlay: opened with no backing, so
     /// `blockdev-snapshot` can attach it on top of the frozen node.
     pub fn overlay_blockdev(d: &DiskSnapshot) -> Value {
         json!({
             "driver": "qcow2",
             "node-name": d.overlay_node,
-            "file": d.file_node,
+            "file": { "driver": "file", "node-name": d.file_node, "filename": d.overlay },
             "backing": null,
         })
     }
@@ -145,11 +139,12 @@ impl CreatePlan {
         };
         let mut steps: Vec<Step> = Vec::new();
         for d in &self.disks {
-            steps.push(Step::CreateFile {
+            steps.push(Step::CreateOverlay {
                 path: d.overlay.clone(),
+                backing: d.frozen.display().to_string(),
+                backing_format: d.frozen_format.clone(),
+                size: d.virtual_size,
             });
-            steps.push(qmp("blockdev-add", Self::file_blockdev(d)));
-            steps.push(qmp("blockdev-create", Self::overlay_create(d)));
         }
         for d in &self.disks {
             steps.push(qmp("blockdev-add", Self::overlay_blockdev(d)));
@@ -371,7 +366,6 @@ pub fn plan_create(
         };
         let node = fresh("sc");
         let file_node = fresh("sf");
-        let create_job = fresh("sj");
         disks.push(DiskSnapshot {
             disk: disk.id.clone(),
             frozen: active.filename.clone(),
@@ -380,7 +374,6 @@ pub fn plan_create(
             overlay,
             overlay_node: node,
             file_node,
-            create_job,
             virtual_size: active.virtual_size,
         });
     }

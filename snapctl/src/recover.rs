@@ -112,9 +112,6 @@ async fn recover_create(client: &Client, record: &mut Record, plan: &CreatePlan)
                 .execute_raw("blockdev-del", json!({ "node-name": node }))
                 .await;
         }
-        let _ = client
-            .execute_raw("job-dismiss", json!({ "id": d.create_job }))
-            .await;
     }
     let after = graph::read(client).await?;
     for d in &plan.disks {

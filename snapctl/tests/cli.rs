@@ -334,12 +334,8 @@ fn dry_run_changes_nothing() {
         assert_eq!(
             kinds,
             [
-                "create-file",
-                "qmp",
-                "qmp",
-                "create-file",
-                "qmp",
-                "qmp",
+                "create-overlay",
+                "create-overlay",
                 "qmp",
                 "qmp",
                 "qmp",
@@ -347,21 +343,12 @@ fn dry_run_changes_nothing() {
             ]
         );
         assert_eq!(steps[0]["path"], json!(vda_overlay));
-        assert_eq!(steps[1]["command"], "blockdev-add");
-        assert_eq!(steps[1]["arguments"]["filename"], json!(vda_overlay));
-        assert_eq!(steps[2]["command"], "blockdev-create");
-        assert_eq!(
-            steps[2]["arguments"]["options"]["backing-file"],
-            json!(vm.image("base.qcow2"))
-        );
-        assert_eq!(steps[3]["path"], json!(vdb_overlay));
-        assert_eq!(
-            steps[5]["arguments"]["options"]["backing-file"],
-            json!(vm.image("data.qcow2"))
-        );
-        assert_eq!(steps[6]["command"], "blockdev-add");
-        assert_eq!(steps[8]["command"], "transaction");
-        let actions = steps[8]["arguments"]["actions"]
+        assert_eq!(steps[0]["backing"], json!(vm.image("base.qcow2")));
+        assert_eq!(steps[1]["path"], json!(vdb_overlay));
+        assert_eq!(steps[1]["backing"], json!(vm.image("data.qcow2")));
+        assert_eq!(steps[2]["command"], "blockdev-add");
+        assert_eq!(steps[4]["command"], "transaction");
+        let actions = steps[4]["arguments"]["actions"]
             .as_array()
             .expect("transaction actions");
         assert_eq!(actions.len(), 2);
