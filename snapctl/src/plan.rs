@@ -209,6 +209,7 @@ impl CreatePlan {
                     )
                 })
                 .collect(),
+            extra: BTreeMap::new(),
         });
         record.current = Some(self.name.clone());
     }

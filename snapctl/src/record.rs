@@ -49,6 +49,10 @@ pub struct Record {
     /// the next run must finish or roll back its steps.
     #[serde(default)]
     pub journal: Vec<JournalEntry>,
+    /// Fields this build does not know (written by a newer snapctl within the
+    /// same version), kept so that a rewrite does not drop them.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 /// One disk of the VM.
@@ -109,6 +113,9 @@ pub struct Snapshot {
     /// Per disk (qdev id), the image that holds the disk as of this snapshot.
     #[serde(default)]
     pub disks: BTreeMap<String, SnapshotDisk>,
+    /// Fields this build does not know, kept across rewrites.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 /// What a snapshot captured.
@@ -284,6 +291,7 @@ impl Record {
             snapshots: Vec::new(),
             current: None,
             journal: Vec::new(),
+            extra: BTreeMap::new(),
         }
     }
 
@@ -657,6 +665,7 @@ mod tests {
                     image: image.into(),
                 },
             )]),
+            extra: BTreeMap::new(),
         }
     }
 
@@ -751,7 +760,7 @@ mod tests {
     }
 
     #[test]
-    fn parse_round_trips_and_ignores_unknown_fields() {
+    fn parse_round_trips_and_keeps_unknown_fields() {
         let rec = example();
         let path = Path::new("/state/ci1.json");
         assert_eq!(
@@ -763,7 +772,13 @@ mod tests {
         json["added_later"] = serde_json::json!({"x": 1});
         json["layers"]["/img/base.qcow2"]["encrypted"] = true.into();
         json["snapshots"][0]["vmstate"] = "/img/s1.mem".into();
-        let parsed = Record::parse(path, json.to_string().as_bytes()).unwrap();
+        let mut parsed = Record::parse(path, json.to_string().as_bytes()).unwrap();
+        // Kept, so that rewriting the record does not drop them.
+        let again: serde_json::Value = serde_json::from_str(&parsed.to_json().unwrap()).unwrap();
+        assert_eq!(again["added_later"], serde_json::json!({"x": 1}));
+        assert_eq!(again["snapshots"][0]["vmstate"], "/img/s1.mem");
+        parsed.extra.clear();
+        parsed.snapshots[0].extra.clear();
         assert_eq!(parsed, rec);
     }
 

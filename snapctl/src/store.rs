@@ -106,6 +106,8 @@ impl Store {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            // A symlink planted at the lock path is refused, never followed.
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| Error::io("open lock file", &path, e))?;
 

@@ -74,6 +74,7 @@ fn record(vm: &str) -> Record {
                     image: image.into(),
                 },
             )]),
+            extra: BTreeMap::new(),
         });
     }
     rec.current = Some("s2".into());
