@@ -44,7 +44,11 @@ impl Greeting {
         let qmp = value.get("QMP")?;
         let v = qmp.get("version")?;
         let q = v.get("qemu")?;
-        let num = |k: &str| q.get(k).and_then(Value::as_u64).map(|n| n as u32);
+        let num = |k: &str| {
+            q.get(k)
+                .and_then(Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok())
+        };
         let version = Version {
             major: num("major")?,
             minor: num("minor")?,

@@ -367,9 +367,10 @@ pub(crate) fn job_arguments(job: &LiveJob, options: &JobOptions) -> Value {
     args
 }
 
-/// The record after the merges and the removal of the snapshot. Returns the
+/// The record after the merges and the removal of the snapshot (in memory;
+/// the caller saves it). Returns the
 /// owned files nothing needs any more.
-pub(crate) fn apply(record: &mut Record, plan: &DeletePlan) -> Vec<PathBuf> {
+pub fn apply(record: &mut Record, plan: &DeletePlan) -> Vec<PathBuf> {
     for d in &plan.disks {
         match &d.merge {
             Merge::Commit { top, base } => {

@@ -562,6 +562,9 @@ async fn delete(
         let plan = snapctl::delete::plan(&record, live.as_ref(), target, metadata_only)?;
         if dry_run {
             steps.extend(plan.steps(&record, options));
+            // Plan the next target against the record as this one leaves it
+            // (in memory only: nothing is saved).
+            snapctl::delete::apply(&mut record, &plan);
             continue;
         }
         let lines =
