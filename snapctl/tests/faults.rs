@@ -340,3 +340,83 @@ fn revert_on_a_no_reboot_qemu_is_recorded_and_restartable() {
     vm.monitor.qemu_io("vda", "read -P 0 64k 64k");
     assert_snapshots_intact(&mut vm, &[]);
 }
+
+/// The overlay's filesystem is full: `create` fails with one clear line and
+/// leaves nothing behind (no file, no node, record and QEMU unchanged).
+#[test]
+fn create_on_a_full_filesystem_fails_cleanly() {
+    let mut vm = Vm::two_disks();
+    vm.snapctl.args(["init"]).ok();
+    let full = util::Tmpfs::mount(vm.dir.join("full"), "4k");
+    let record = vm.snapctl.record_bytes();
+    let graph = vm.monitor.block_state();
+    let overlay = full.path.join("vda.s1.qcow2");
+    let mut arg = std::ffi::OsString::from("vda=");
+    arg.push(&overlay);
+    vm.snapctl
+        .args(["create", "s1", "--overlay"])
+        .arg(&arg)
+        .error_line(&["No space left on device"]);
+    assert!(!overlay.exists(), "the half-written overlay is removed");
+    assert_eq!(vm.snapctl.record_bytes(), record);
+    assert_eq!(vm.monitor.block_state(), graph);
+    drop(full);
+    vm.snapctl.args(["create", "s1"]).ok();
+}
+
+/// QEMU dies (SIGKILL) in the middle of a live revert, after the switch and
+/// before the guest reset: restarted from `qemu-args` it runs on a chain the
+/// record describes, `check --repair` settles the journal, nothing is lost.
+#[test]
+fn qemu_killed_during_a_revert() {
+    let mut vm = three_snapshots();
+    let out = vm
+        .snapctl
+        .args(["revert", "s1"])
+        .env("SNAPCTL_FAULT", "revert:switched")
+        .run();
+    assert_eq!(out.status.signal(), Some(9), "{out:?}");
+    vm.qemu.quit_or_kill(std::time::Duration::from_millis(1));
+    let repair = vm.snapctl.args(["check", "--repair"]).run();
+    assert!(
+        String::from_utf8_lossy(&repair.stdout).contains("revert"),
+        "{repair:?}"
+    );
+    let qemu_args: Vec<String> =
+        serde_json::from_value(vm.snapctl.args(["qemu-args"]).json()).unwrap();
+    vm.restart(&qemu_args);
+    vm.snapctl.args(["check", "--repair"]).ok();
+    assert_eq!(
+        vm.snapctl.args(["check"]).json()["drift"],
+        serde_json::json!([])
+    );
+    assert_snapshots_intact(&mut vm, &[(0x11, 0)]);
+}
+
+/// snapctl killed in the middle of a raw `commit` or `pull`: `check --repair`
+/// settles the jobs and the record, and every remaining snapshot is intact.
+fn killed_merge_is_recovered(op: &[&str], point: &str) {
+    let mut vm = three_snapshots();
+    let out = vm
+        .snapctl
+        .args(op.to_vec())
+        .env("SNAPCTL_FAULT", point)
+        .run();
+    assert_eq!(out.status.signal(), Some(9), "{out:?}");
+    vm.snapctl.args(["check", "--repair"]).ok();
+    assert!(vm.monitor.jobs().is_empty(), "no job is left behind");
+    assert_snapshots_intact(
+        &mut vm,
+        &[(0x11, 0), (0x22, K64), (0x33, 2 * K64), (0x44, 3 * K64)],
+    );
+}
+
+#[test]
+fn commit_killed_with_its_job_pending() {
+    killed_merge_is_recovered(&["commit", "vda"], "jobs:pending");
+}
+
+#[test]
+fn pull_killed_after_starting_its_job() {
+    killed_merge_is_recovered(&["pull", "vda"], "jobs:started");
+}

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use integration::{QemuBuilder, WorkDir, image};
 use serde_json::{Value, json};
 
-use crate::util::{K64, M1, Vm, dir_listing};
+use crate::util::{K64, M1, Tmpfs, Vm, dir_listing};
 
 /// The size of the test disk.
 const DISK: u64 = 64 * M1;
@@ -969,52 +969,6 @@ fn timeout_cancels_cleanly() {
     reads.assert_ok(&vm);
     assert_images_read(&vm, &history);
     assert_check_clean(&vm, false, "after quit");
-}
-
-/// A small tmpfs mounted for one test, unmounted on drop.
-#[derive(Debug)]
-struct Tmpfs {
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `size` (e.g. `1M`) at `path`, created if missing.
-    /// Needs root, as the tests run in CI; without it the test fails saying so.
-    fn mount(path: PathBuf, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(&path).unwrap();
-        let output = Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={size},mode=0700"))
-            .arg("tmpfs")
-            .arg(&path)
-            .output()
-            .expect("run mount");
-        assert!(
-            output.status.success(),
-            "this test fills a small tmpfs to make a QEMU job fail with ENOSPC, \
-             and mounting one needs root (uid {}): mount said: {}",
-            current_uid(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-        Tmpfs { path }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            // Still busy (QEMU being killed while a test unwinds): detach it.
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
-    }
-}
-
-fn current_uid() -> u32 {
-    nix::unistd::getuid().as_raw()
 }
 
 /// A stream into an active image on a full filesystem fails inside QEMU

@@ -850,3 +850,49 @@ pub fn mode_of(path: &Path) -> u32 {
         .mode()
         & 0o7777
 }
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+#[derive(Debug)]
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `1M`) at `path`, created if missing.
+    /// Needs root, as the tests run in CI; without it the test fails saying so.
+    pub fn mount(path: PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&path).unwrap();
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size},mode=0700"))
+            .arg("tmpfs")
+            .arg(&path)
+            .output()
+            .expect("run mount");
+        assert!(
+            output.status.success(),
+            "this test fills a small tmpfs to make a write fail with ENOSPC, \
+             and mounting one needs root (uid {}): mount said: {}",
+            current_uid(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Tmpfs { path }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Still busy (QEMU being killed while a test unwinds): detach it.
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+fn current_uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
