@@ -42,6 +42,8 @@
 //! to install it.
 
 pub mod guest;
+mod snapctl_bin;
+pub use snapctl_bin::{repo_root, snapctl_binary};
 pub mod image;
 mod process;
 mod qemu;
