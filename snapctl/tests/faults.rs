@@ -420,3 +420,48 @@ fn commit_killed_with_its_job_pending() {
 fn pull_killed_after_starting_its_job() {
     killed_merge_is_recovered(&["pull", "vda"], "jobs:started");
 }
+
+/// A commit into an image on a full filesystem fails inside QEMU with ENOSPC.
+/// The base may hold part of the commit, so the snapshot whose state it held
+/// is removed (and said so); the chain is unchanged and the guest's data is
+/// all there.
+#[test]
+fn commit_onto_a_full_filesystem_fails_cleanly() {
+    let mut vm = Vm::two_disks();
+    vm.snapctl.args(["init"]).ok();
+    let full = util::Tmpfs::mount(vm.dir.join("full"), "1M");
+    let on_full = full.path.join("vda.s1.qcow2");
+    let mut arg = std::ffi::OsString::from("vda=");
+    arg.push(&on_full);
+    vm.snapctl
+        .args(["create", "s1", "--disk", "vda", "--overlay"])
+        .arg(&arg)
+        .ok();
+    let mut arg2 = std::ffi::OsString::from("vda=");
+    arg2.push(vm.image("vda.s2.qcow2"));
+    vm.snapctl
+        .args(["create", "s2", "--disk", "vda", "--overlay"])
+        .arg(&arg2)
+        .ok();
+    vm.monitor.write("vda", 0x77, 0, 4 * 1024 * 1024);
+    let line = vm
+        .snapctl
+        .args(["commit", "vda"])
+        .error_line_after_progress(&["No space left on device", "s2"]);
+    assert!(line.contains("removed"), "{line}");
+    assert!(vm.monitor.jobs().is_empty());
+    assert_eq!(
+        vm.snapctl.args(["check"]).json()["drift"],
+        serde_json::json!([])
+    );
+    vm.monitor.qemu_io("vda", "read -P 0x77 0 4M");
+    vm.quit();
+    assert!(
+        !vm.qemu
+            .stdout_text()
+            .contains("Pattern verification failed"),
+        "{}",
+        vm.qemu.stdout_text()
+    );
+    drop(full);
+}
