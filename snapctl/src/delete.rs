@@ -531,10 +531,7 @@ pub async fn run(
     }
     let files = apply(record, plan);
     lock.resolve(record, journal)?;
-    let graph = match client {
-        Some(c) => Some(crate::graph::read(c).await?),
-        None => None,
-    };
+    let graph = crate::graph::read_if_running(client).await?;
     let mut lines = plan.summary();
     lines.extend(remove_files(&files, graph.as_ref()));
     Ok(lines)

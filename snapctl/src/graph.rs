@@ -209,6 +209,14 @@ pub async fn read(client: &Client) -> Result<LiveGraph> {
     Ok(assemble(blocks, nodes, backing_edges))
 }
 
+/// The live graph when QEMU runs (`client` is `Some`), `None` otherwise.
+pub async fn read_if_running(client: Option<&Client>) -> Result<Option<LiveGraph>> {
+    match client {
+        Some(c) => read(c).await.map(Some),
+        None => Ok(None),
+    }
+}
+
 fn decode<T: serde::de::DeserializeOwned>(command: &str, value: Value) -> Result<T> {
     serde_json::from_value(value)
         .map_err(|e| Error::Graph(format!("unexpected {command} reply: {e}")))

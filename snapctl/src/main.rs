@@ -138,10 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into());
             }
             let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
-            let live = match &client {
-                Some(c) => Some(graph::read(c).await?),
-                None => None,
-            };
+            let live = graph::read_if_running(client.as_ref()).await?;
             let view = views::chains(&record, live.as_ref(), disk.as_deref())?;
             output::chain(&view, g.json)?;
             Ok(ExitCode::SUCCESS)
@@ -494,10 +491,7 @@ async fn revert(
     if !dry_run {
         settle_journal(client.as_ref(), &lock, &mut record).await?;
     }
-    let live = match &client {
-        Some(c) => Some(graph::read(c).await?),
-        None => None,
-    };
+    let live = graph::read_if_running(client.as_ref()).await?;
     let plan = revert::plan(&record, live.as_ref(), name, paused)?;
     if dry_run {
         output::plan(&plan.steps(&record), g.json)?;
@@ -555,10 +549,7 @@ async fn delete(
     let mut reports = Vec::new();
     let mut steps = Vec::new();
     for target in &targets {
-        let live = match &client {
-            Some(c) => Some(graph::read(c).await?),
-            None => None,
-        };
+        let live = graph::read_if_running(client.as_ref()).await?;
         let plan = snapctl::delete::plan(&record, live.as_ref(), target, metadata_only)?;
         if dry_run {
             steps.extend(plan.steps(&record, options));
@@ -642,10 +633,7 @@ async fn raw_merge(
     if !args.dry_run {
         settle_journal(client.as_ref(), &lock, &mut record).await?;
     }
-    let live = match &client {
-        Some(c) => Some(graph::read(c).await?),
-        None => None,
-    };
+    let live = graph::read_if_running(client.as_ref()).await?;
     let plan = plan(&record, live.as_ref())?;
     let options = snapctl::delete::JobOptions {
         bandwidth: args.bandwidth.unwrap_or(0),

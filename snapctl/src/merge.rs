@@ -423,10 +423,7 @@ pub async fn run(
     }
     let files = plan.apply(record);
     lock.resolve(record, journal)?;
-    let graph = match client {
-        Some(c) => Some(crate::graph::read(c).await?),
-        None => None,
-    };
+    let graph = crate::graph::read_if_running(client).await?;
     let mut lines: Vec<String> = plan
         .removed_snapshots
         .iter()

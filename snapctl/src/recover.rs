@@ -143,10 +143,7 @@ async fn recover_revert(
             plan.snapshot
         ));
     }
-    let live = match client {
-        Some(c) => Some(graph::read(c).await?),
-        None => None,
-    };
+    let live = crate::graph::read_if_running(client).await?;
     let active_of = |disk: &str| {
         live.as_ref()
             .and_then(|g| g.disks.get(disk))
@@ -210,10 +207,7 @@ async fn recover_revert(
                 .await;
         }
     }
-    let after = match client {
-        Some(c) => Some(graph::read(c).await?),
-        None => None,
-    };
+    let after = crate::graph::read_if_running(client).await?;
     for d in &plan.disks {
         let in_use = after
             .as_ref()
@@ -295,10 +289,7 @@ async fn recover_delete(
             .collect();
         settle_jobs(c, &ids).await?;
     }
-    let live = match client {
-        Some(c) => Some(graph::read(c).await?),
-        None => None,
-    };
+    let live = crate::graph::read_if_running(client).await?;
     let mut done = Vec::new();
     for d in &plan.disks {
         let gone = match &d.merge {
@@ -325,10 +316,7 @@ async fn recover_delete(
             .collect();
         crate::revert::delete_unused_nodes(c, &stale).await;
     }
-    let after = match client {
-        Some(c) => Some(graph::read(c).await?),
-        None => None,
-    };
+    let after = crate::graph::read_if_running(client).await?;
     crate::revert::remove_files(&files, after.as_ref());
     Ok(format!(
         "finished the interrupted delete of {}: {merged} of its merges had happened and are recorded; the snapshot is removed (a merge cut short may have written into its frozen image)",
@@ -344,10 +332,7 @@ async fn recover_raw(
     if let (Some(c), Some(job)) = (client, &plan.job) {
         settle_jobs(c, &[job.id.as_str()]).await?;
     }
-    let live = match client {
-        Some(c) => Some(graph::read(c).await?),
-        None => None,
-    };
+    let live = crate::graph::read_if_running(client).await?;
     let (gone, commit) = match &plan.merge {
         RawMerge::Commit { top, .. } => (top.clone(), true),
         RawMerge::Pull { active, .. } => {
