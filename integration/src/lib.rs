@@ -43,7 +43,7 @@
 
 pub mod guest;
 mod snapctl_bin;
-pub use snapctl_bin::{repo_root, snapctl_binary};
+pub use snapctl_bin::{Snapctl, repo_root, snapctl_binary};
 pub mod image;
 mod process;
 mod qemu;

@@ -29,18 +29,15 @@
 //! the sources and manifests it is built from, otherwise `cargo build -p
 //! snapctl` once per test process (as in `tests/guest.rs`).
 
-use integration::snapctl_binary;
-use std::cell::Cell;
-use std::fs::File;
+use integration::{Snapctl, snapctl_binary};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use integration::guest::{
     DISK_ID, Guest, GuestBuilder, GuestImage, check_filesystem, check_records, records_log,
 };
-use integration::{WorkDir, image, wait_until};
+use integration::{WorkDir, image};
 use qmp_client::Client;
 use qmp_client::qapi::qmp;
 use qmp_client::{Config, FreezeStatus, GuestAgent};
@@ -62,9 +59,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// For a few more records to appear (one takes about 0.1 to 0.2 s).
 const RECORD_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// For one snapctl command.
-const SNAPCTL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// For QEMU to exit after `quit`, and for the guest agent to answer.
 const SHORT: Duration = Duration::from_secs(10);
@@ -120,13 +114,13 @@ impl GuestVm {
         });
         guest.wait_ready(BOOT_TIMEOUT);
         eprintln!("guest ready {:.1?} after QEMU started", started.elapsed());
-        let snapctl = Snapctl {
-            bin,
-            state_dir: dir.join("state"),
-            socket: guest.snapctl_socket().to_owned(),
-            log_dir: dir.path().to_owned(),
-            runs: Cell::new(0),
-        };
+        let snapctl = Snapctl::new(
+            &bin,
+            dir.join("state"),
+            VM,
+            guest.snapctl_socket().to_owned(),
+            dir.path(),
+        );
         snapctl.ok(&["init"]);
         GuestVm {
             guest,
@@ -377,94 +371,6 @@ fn deleted_disk<'a>(deleted: &'a Value, name: &str) -> &'a Value {
         "the merge runs as a QEMU job while the guest writes: {deleted}"
     );
     &disks[0]
-}
-
-/// Runs the `snapctl` binary with `--state-dir`, `--vm` and `--socket` set,
-/// its output in numbered files in the work directory.
-#[derive(Debug)]
-struct Snapctl {
-    bin: PathBuf,
-    state_dir: PathBuf,
-    socket: PathBuf,
-    log_dir: PathBuf,
-    runs: Cell<u32>,
-}
-
-impl Snapctl {
-    /// Runs `snapctl <args>`; panics, with everything it printed, unless it
-    /// exits 0 within [`SNAPCTL_TIMEOUT`]. Returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let n = self.runs.get() + 1;
-        self.runs.set(n);
-        let stdout_path = self.log_dir.join(format!("snapctl-{n}.stdout"));
-        let stderr_path = self.log_dir.join(format!("snapctl-{n}.stderr"));
-        let line = format!("snapctl {}", args.join(" "));
-        let mut command = Command::new(&self.bin);
-        for var in [
-            "SNAPCTL_VM",
-            "SNAPCTL_SOCKET",
-            "SNAPCTL_QGA",
-            "SNAPCTL_STATE_DIR",
-            "SNAPCTL_LOG",
-        ] {
-            command.env_remove(var);
-        }
-        command
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--vm")
-            .arg(VM)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout_path).expect("create snapctl's stdout file"))
-            .stderr(File::create(&stderr_path).expect("create snapctl's stderr file"));
-        let started = Instant::now();
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
-        let mut status = None;
-        wait_until(SNAPCTL_TIMEOUT, || {
-            status = child.try_wait().expect("wait for snapctl");
-            status.is_some()
-        });
-        let elapsed = started.elapsed();
-        let read = |path: &Path| {
-            String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
-        };
-        let problem = match status {
-            Some(status) if status.success() => None,
-            Some(status) => Some(format!("failed ({status})")),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Some(format!("did not finish within {SNAPCTL_TIMEOUT:?}"))
-            }
-        };
-        let stdout = read(&stdout_path);
-        if let Some(problem) = problem {
-            panic!(
-                "$ {line}\n{problem} after {elapsed:.1?}\n--- stdout\n{stdout}\n--- stderr\n{}",
-                read(&stderr_path)
-            );
-        }
-        eprintln!("$ {line}   ({elapsed:.1?})");
-        stdout
-    }
-
-    /// Runs `snapctl <args> --json` and parses stdout.
-    fn json(&self, args: &[&str]) -> Value {
-        let mut args = args.to_vec();
-        args.push("--json");
-        let stdout = self.ok(&args);
-        serde_json::from_str(&stdout).unwrap_or_else(|e| {
-            panic!(
-                "snapctl {}: stdout is not JSON ({e}):\n{stdout}",
-                args.join(" ")
-            )
-        })
-    }
 }
 
 /// A JSON string that names a file, as a path; panics with `context`.
