@@ -599,56 +599,80 @@ pub struct FilesystemReport {
 /// errors is reported through [`FilesystemReport::clean`].
 #[track_caller]
 pub fn check_filesystem(image: &Path) -> FilesystemReport {
-    require_tool("qemu-img");
-    let tmp = tempfile::Builder::new()
-        .prefix("sc-fsck-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"));
-    let raw = tmp.path().join("disk.raw");
-    let mut convert = Command::new("qemu-img");
-    convert
-        .args(["convert", "-U", "-O", "raw"])
-        .arg(absolute(image))
-        .arg(&raw);
-    run(&mut convert);
-
-    let mut dumpe2fs = Command::new("dumpe2fs");
-    dumpe2fs.arg("-h").arg(&raw).env("LC_ALL", "C");
-    let header = String::from_utf8_lossy(&run(&mut dumpe2fs).stdout).into_owned();
-    let needs_recovery = header
-        .lines()
-        .find_map(|line| line.strip_prefix("Filesystem features:"))
-        .unwrap_or_else(|| {
-            panic!(
-                "dumpe2fs -h {}: no feature line:\n{header}",
-                image.display()
-            )
-        })
-        .split_whitespace()
-        .any(|feature| feature == "needs_recovery");
-    let mut output = header;
-
-    if needs_recovery {
-        let mut replay = Command::new("e2fsck");
-        replay.args(["-E", "journal_only", "-y"]).arg(&raw);
-        let replayed = output_of(&mut replay);
-        // 1: the filesystem was changed, which replaying the journal is.
-        if !matches!(replayed.status.code(), Some(0 | 1)) {
-            fail_command(&replay, &replayed);
-        }
-        output.push_str(&String::from_utf8_lossy(&replayed.stdout));
-        output.push_str(&String::from_utf8_lossy(&replayed.stderr));
-    }
-
+    let copy = RawCopy::recovered(image, "sc-fsck-");
+    let mut output = copy.log;
     let mut fsck = Command::new("e2fsck");
-    fsck.arg("-fn").arg(&raw).env("LC_ALL", "C");
+    fsck.arg("-fn").arg(&copy.raw).env("LC_ALL", "C");
     let checked = output_of(&mut fsck);
     output.push_str(&String::from_utf8_lossy(&checked.stdout));
     output.push_str(&String::from_utf8_lossy(&checked.stderr));
     FilesystemReport {
-        needs_recovery,
+        needs_recovery: copy.needs_recovery,
         clean: checked.status.success(),
         output,
+    }
+}
+
+/// A raw copy of a disk image (with its backing chain) in a temporary
+/// directory, its ext4 journal replayed when the superblock says
+/// `needs_recovery`, as the kernel would on mount. The image itself is never
+/// written.
+struct RawCopy {
+    tmp: tempfile::TempDir,
+    raw: PathBuf,
+    needs_recovery: bool,
+    /// `dumpe2fs -h` and the replay's output.
+    log: String,
+}
+
+impl RawCopy {
+    #[track_caller]
+    fn recovered(image: &Path, prefix: &str) -> RawCopy {
+        require_tool("qemu-img");
+        let tmp = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"));
+        let raw = tmp.path().join("disk.raw");
+        let mut convert = Command::new("qemu-img");
+        convert
+            .args(["convert", "-U", "-O", "raw"])
+            .arg(absolute(image))
+            .arg(&raw);
+        run(&mut convert);
+
+        let mut dumpe2fs = Command::new("dumpe2fs");
+        dumpe2fs.arg("-h").arg(&raw).env("LC_ALL", "C");
+        let header = String::from_utf8_lossy(&run(&mut dumpe2fs).stdout).into_owned();
+        let needs_recovery = header
+            .lines()
+            .find_map(|line| line.strip_prefix("Filesystem features:"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "dumpe2fs -h {}: no feature line:\n{header}",
+                    image.display()
+                )
+            })
+            .split_whitespace()
+            .any(|feature| feature == "needs_recovery");
+        let mut log = header;
+        if needs_recovery {
+            let mut replay = Command::new("e2fsck");
+            replay.args(["-E", "journal_only", "-y"]).arg(&raw);
+            let replayed = output_of(&mut replay);
+            // 1: the filesystem was changed, which replaying the journal is.
+            if !matches!(replayed.status.code(), Some(0 | 1)) {
+                fail_command(&replay, &replayed);
+            }
+            log.push_str(&String::from_utf8_lossy(&replayed.stdout));
+            log.push_str(&String::from_utf8_lossy(&replayed.stderr));
+        }
+        RawCopy {
+            tmp,
+            raw,
+            needs_recovery,
+            log,
+        }
     }
 }
 
@@ -662,41 +686,13 @@ pub fn check_filesystem(image: &Path) -> FilesystemReport {
 /// when a tool fails or the filesystem has no `/records.log`.
 #[track_caller]
 pub fn records_log(image: &Path) -> Vec<u8> {
-    require_tool("qemu-img");
-    let tmp = tempfile::Builder::new()
-        .prefix("sc-records-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"));
-    let raw = tmp.path().join("disk.raw");
-    let mut convert = Command::new("qemu-img");
-    convert
-        .args(["convert", "-U", "-O", "raw"])
-        .arg(absolute(image))
-        .arg(&raw);
-    run(&mut convert);
-
-    let mut dumpe2fs = Command::new("dumpe2fs");
-    dumpe2fs.arg("-h").arg(&raw).env("LC_ALL", "C");
-    let header = String::from_utf8_lossy(&run(&mut dumpe2fs).stdout).into_owned();
-    let needs_recovery = header
-        .lines()
-        .find_map(|line| line.strip_prefix("Filesystem features:"))
-        .is_some_and(|features| features.split_whitespace().any(|f| f == "needs_recovery"));
-    if needs_recovery {
-        let mut replay = Command::new("e2fsck");
-        replay.args(["-E", "journal_only", "-y"]).arg(&raw);
-        let replayed = output_of(&mut replay);
-        if !matches!(replayed.status.code(), Some(0 | 1)) {
-            fail_command(&replay, &replayed);
-        }
-    }
-
-    let dump = tmp.path().join("records.log");
+    let copy = RawCopy::recovered(image, "sc-records-");
+    let dump = copy.tmp.path().join("records.log");
     let mut debugfs = Command::new("debugfs");
     debugfs
         .arg("-R")
         .arg(format!("dump /records.log {}", dump.display()))
-        .arg(&raw);
+        .arg(&copy.raw);
     let dumped = run(&mut debugfs);
     std::fs::read(&dump).unwrap_or_else(|e| {
         panic!(
