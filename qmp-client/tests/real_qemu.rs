@@ -503,33 +503,59 @@ async fn cancelled_stream_leaves_the_chain_alone() {
     assert!(image::read_pattern_ok(base, 0x00, 0, 32 * MIB));
 }
 
+/// base <- mid <- top, with 0xa1 in mid at 1 MiB, where every write that
+/// reaches base's file fails with EIO (blkdebug event `pwritev`): a commit
+/// into base fails at its first write.
+struct FailingBase {
+    dir: WorkDir,
+    chain: Vec<PathBuf>,
+    qemu: integration::Qemu,
+    client: Client,
+}
+
+impl FailingBase {
+    async fn start() -> FailingBase {
+        let dir = WorkDir::new();
+        let chain = chain_images(&dir, &["base", "mid", "top"]);
+        let [base, mid, top] = [&chain[0], &chain[1], &chain[2]];
+        image::write_pattern(mid, 0xa1, MIB, MIB);
+        let qmp_socket = dir.join("qmp.sock");
+        let failing_base = json!({
+            "driver": "qcow2", "node-name": "base", "backing": null,
+            "file": {
+                "driver": "blkdebug",
+                "inject-error": [{"event": "pwritev", "errno": 5, "once": false}],
+                "image": {"driver": "file", "filename": base},
+            },
+        });
+        let qemu = QemuBuilder::new()
+            .log_dir(dir.path())
+            .blockdev(failing_base)
+            .blockdev(integration::qcow2_layer("mid", mid, Some("base")))
+            .blockdev(integration::qcow2_layer("top", top, Some("mid")))
+            .device("virtio-blk-pci,id=vda,drive=top")
+            .qmp(&qmp_socket)
+            .spawn()
+            .expect("start QEMU");
+        let client = connect(&qmp_socket).await;
+        FailingBase {
+            dir,
+            chain,
+            qemu,
+            client,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_commit_reports_the_io_error() {
-    let dir = WorkDir::new();
-    let chain = chain_images(&dir, &["base", "mid", "top"]);
+    let FailingBase {
+        dir: _dir,
+        chain,
+        mut qemu,
+        client,
+    } = FailingBase::start().await;
     let [base, mid, top] = [&chain[0], &chain[1], &chain[2]];
-    image::write_pattern(mid, 0xa1, MIB, MIB);
-    let qmp_socket = dir.join("qmp.sock");
-    // Every write that reaches base's file fails with EIO (blkdebug event
-    // `pwritev`), so the commit's first write into base fails.
-    let failing_base = json!({
-        "driver": "qcow2", "node-name": "base", "backing": null,
-        "file": {
-            "driver": "blkdebug",
-            "inject-error": [{"event": "pwritev", "errno": 5, "once": false}],
-            "image": {"driver": "file", "filename": base},
-        },
-    });
-    let mut qemu = QemuBuilder::new()
-        .log_dir(dir.path())
-        .blockdev(failing_base)
-        .blockdev(integration::qcow2_layer("mid", mid, Some("base")))
-        .blockdev(integration::qcow2_layer("top", top, Some("mid")))
-        .device("virtio-blk-pci,id=vda,drive=top")
-        .qmp(&qmp_socket)
-        .spawn()
-        .expect("start QEMU");
-    let client = connect(&qmp_socket).await;
 
     let mut events = client.subscribe();
     let mut job = client
@@ -574,29 +600,13 @@ async fn failing_commit_reports_the_io_error() {
 /// finishing it must not fail on the dismissal QEMU already did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_dismissed_jobs_still_report_their_outcome() {
-    let dir = WorkDir::new();
-    let chain = chain_images(&dir, &["base", "mid", "top"]);
-    let [base, mid, top] = [&chain[0], &chain[1], &chain[2]];
-    image::write_pattern(mid, 0xa1, MIB, MIB);
-    let qmp_socket = dir.join("qmp.sock");
-    let failing_base = json!({
-        "driver": "qcow2", "node-name": "base", "backing": null,
-        "file": {
-            "driver": "blkdebug",
-            "inject-error": [{"event": "pwritev", "errno": 5, "once": false}],
-            "image": {"driver": "file", "filename": base},
-        },
-    });
-    let mut qemu = QemuBuilder::new()
-        .log_dir(dir.path())
-        .blockdev(failing_base)
-        .blockdev(integration::qcow2_layer("mid", mid, Some("base")))
-        .blockdev(integration::qcow2_layer("top", top, Some("mid")))
-        .device("virtio-blk-pci,id=vda,drive=top")
-        .qmp(&qmp_socket)
-        .spawn()
-        .expect("start QEMU");
-    let client = connect(&qmp_socket).await;
+    let FailingBase {
+        dir: _dir,
+        chain,
+        mut qemu,
+        client,
+    } = FailingBase::start().await;
+    let [base, _, top] = [&chain[0], &chain[1], &chain[2]];
 
     let mut failing = client
         .start_job_raw(
