@@ -167,19 +167,13 @@ async fn apply(
     undo: &mut Undo,
 ) -> Result<Vec<String>> {
     for d in &plan.disks {
-        let mut file = images::claim_file(&d.overlay)?;
-        undo.files.push(d.overlay.clone());
-        images::write_qcow2_overlay(
-            &mut file,
+        images::new_overlay(
+            &d.overlay,
             d.virtual_size,
             &d.frozen.to_string_lossy(),
             &d.frozen_format,
-        )
-        .map_err(|source| Error::Io {
-            action: "write overlay",
-            path: d.overlay.clone(),
-            source,
-        })?;
+        )?;
+        undo.files.push(d.overlay.clone());
     }
     crate::fault::point("create:formatted");
     let overlays = plan.disks.iter().map(|d| async {

@@ -157,30 +157,23 @@ pub fn claim_file(path: &Path) -> Result<std::fs::File> {
         })
 }
 
-/// Creates a qcow2 overlay at `path` backed by `backing` (format `backing_format`),
-/// written into the header as `backing_string`.
+/// Creates a qcow2 overlay at `path` of `size` bytes, backed by `backing`
+/// (format `backing_format`), written into the header as given.
 ///
-/// Never over an existing file: the path is first claimed with `O_CREAT|O_EXCL`
-/// (which also refuses a symlink planted there), and only then does `qemu-img`
-/// write the qcow2 header into the file we own. On failure the file is removed.
-pub fn create_overlay(path: &Path, backing_string: &str, backing_format: &str) -> Result<()> {
-    drop(claim_file(path)?);
-    let created = qemu_img(&[
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-b".as_ref(),
-        backing_string.as_ref(),
-        "-F".as_ref(),
-        backing_format.as_ref(),
-        path.as_os_str(),
-    ]);
-    if let Err(e) = created {
+/// Never over an existing file: the path is claimed with `O_CREAT|O_EXCL`
+/// (which also refuses a symlink planted there) and the header written into
+/// the file snapctl now owns ([`write_qcow2_overlay`]). On failure the file is
+/// removed.
+pub fn new_overlay(path: &Path, size: u64, backing: &str, backing_format: &str) -> Result<()> {
+    let mut file = claim_file(path)?;
+    write_qcow2_overlay(&mut file, size, backing, backing_format).map_err(|source| {
         let _ = std::fs::remove_file(path);
-        return Err(e);
-    }
-    Ok(())
+        Error::Io {
+            action: "write overlay",
+            path: path.to_owned(),
+            source,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -199,19 +192,32 @@ mod tests {
             .expect("qemu-img not found: run scripts/setup");
         assert!(out.success());
         let overlay = dir.path().join("o.qcow2");
-        create_overlay(&overlay, base.to_str().unwrap(), "qcow2").unwrap();
+        new_overlay(&overlay, 1 << 20, base.to_str().unwrap(), "qcow2").unwrap();
         let chain = backing_chain(&overlay).unwrap();
         assert_eq!(chain.len(), 2);
         assert_eq!(chain[0].backing_string.as_deref(), base.to_str());
         assert_eq!(chain[1].filename, base);
 
         std::fs::write(dir.path().join("keep"), b"precious").unwrap();
-        let err = create_overlay(&dir.path().join("keep"), base.to_str().unwrap(), "qcow2");
+        let err = new_overlay(
+            &dir.path().join("keep"),
+            1 << 20,
+            base.to_str().unwrap(),
+            "qcow2",
+        );
         assert!(err.is_err());
         assert_eq!(std::fs::read(dir.path().join("keep")).unwrap(), b"precious");
 
         std::os::unix::fs::symlink(dir.path().join("target"), dir.path().join("link")).unwrap();
-        assert!(create_overlay(&dir.path().join("link"), base.to_str().unwrap(), "qcow2").is_err());
+        assert!(
+            new_overlay(
+                &dir.path().join("link"),
+                1 << 20,
+                base.to_str().unwrap(),
+                "qcow2"
+            )
+            .is_err()
+        );
         assert!(
             !dir.path().join("target").exists(),
             "a planted symlink is never followed"

@@ -194,17 +194,14 @@ async fn recover_revert(
     let mut kept = Vec::new();
     if let Some(c) = client {
         for d in &plan.disks {
-            let nodes = std::iter::once(&d.overlay_node)
-                .chain(d.open.iter().rev().map(|l| &l.node))
-                .chain(std::iter::once(&d.file_node));
+            // The overlay's file is its inline child and goes with it.
+            let nodes =
+                std::iter::once(&d.overlay_node).chain(d.open.iter().rev().map(|l| &l.node));
             for node in nodes {
                 let _ = c
                     .execute_raw("blockdev-del", json!({ "node-name": node }))
                     .await;
             }
-            let _ = c
-                .execute_raw("job-dismiss", json!({ "id": d.create_job }))
-                .await;
         }
     }
     let after = crate::graph::read_if_running(client).await?;

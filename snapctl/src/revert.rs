@@ -7,7 +7,7 @@
 //! belongs to a branch that is not open), switch the device with `qom-set …
 //! drive`, delete the abandoned nodes, `system_reset` (the guest's caches
 //! describe the old disk, so it must reboot), `cont` unless asked to stay
-//! paused. With QEMU stopped: create the overlay with `qemu-img` and record it.
+//! paused. With QEMU stopped: create the overlay and record it.
 //! Either way, owned files that no snapshot and no chain needs any more are
 //! removed afterwards; foreign files never are.
 
@@ -48,7 +48,6 @@ pub struct DiskRevert {
     pub overlay: PathBuf,
     pub overlay_node: String,
     pub file_node: String,
-    pub create_job: String,
     /// Live only: the node of the frozen image the overlay is linked to.
     pub backing_node: Option<String>,
     /// Live only: layers to open first (bottom-up) when the frozen image is on
@@ -108,7 +107,7 @@ pub fn plan(
             used.insert(n.clone());
             n
         };
-        let (overlay_node, file_node, create_job) = (fresh("sr"), fresh("sf"), fresh("sj"));
+        let (overlay_node, file_node) = (fresh("sr"), fresh("sf"));
 
         let (mut backing_node, mut open, mut old_nodes) = (None, Vec::new(), Vec::new());
         if let Some(graph) = live {
@@ -169,7 +168,6 @@ pub fn plan(
             overlay,
             overlay_node,
             file_node,
-            create_job,
             backing_node,
             open,
             old_nodes,
@@ -196,24 +194,11 @@ fn open_blockdev(l: &OpenLayer) -> Value {
     spec
 }
 
-fn overlay_create(d: &DiskRevert) -> Value {
-    json!({
-        "job-id": d.create_job,
-        "options": {
-            "driver": "qcow2",
-            "file": d.file_node,
-            "size": d.virtual_size,
-            "backing-file": d.frozen,
-            "backing-fmt": d.frozen_format,
-        },
-    })
-}
-
 fn overlay_blockdev(d: &DiskRevert) -> Value {
     json!({
         "driver": "qcow2",
         "node-name": d.overlay_node,
-        "file": d.file_node,
+        "file": { "driver": "file", "node-name": d.file_node, "filename": d.overlay },
         "backing": d.backing_node,
     })
 }
@@ -227,33 +212,14 @@ impl RevertPlan {
         };
         let mut steps = Vec::new();
         if !self.live {
-            for d in &self.disks {
-                steps.push(Step::CreateFile {
-                    path: d.overlay.clone(),
-                });
-                steps.push(Step::Record {
-                    change: format!(
-                        "qemu-img create -f qcow2 -b {} -F {} {}",
-                        d.frozen.display(),
-                        d.frozen_format,
-                        d.overlay.display()
-                    ),
-                });
-            }
+            steps.extend(self.disks.iter().map(DiskRevert::create_step));
         } else {
             steps.push(qmp("stop", Value::Null));
             for d in &self.disks {
-                steps.push(Step::CreateFile {
-                    path: d.overlay.clone(),
-                });
-                steps.push(qmp(
-                    "blockdev-add",
-                    json!({"driver": "file", "node-name": d.file_node, "filename": d.overlay}),
-                ));
+                steps.push(d.create_step());
                 for l in &d.open {
                     steps.push(qmp("blockdev-add", open_blockdev(l)));
                 }
-                steps.push(qmp("blockdev-create", overlay_create(d)));
                 steps.push(qmp("blockdev-add", overlay_blockdev(d)));
             }
             for d in &self.disks {
@@ -442,38 +408,39 @@ pub async fn run_live(
 
 async fn prepare(client: &Client, plan: &RevertPlan, undo: &mut Undo) -> Result<()> {
     for d in &plan.disks {
-        images::claim_file(&d.overlay)?;
+        d.create_overlay()?;
         undo.files.push(d.overlay.clone());
-        client
-            .execute_raw(
-                "blockdev-add",
-                json!({"driver": "file", "node-name": d.file_node, "filename": d.overlay}),
-            )
-            .await?;
-        undo.nodes.push(d.file_node.clone());
         for l in &d.open {
             client.execute_raw("blockdev-add", open_blockdev(l)).await?;
             undo.nodes.push(l.node.clone());
         }
-    }
-    let mut jobs = Vec::new();
-    for d in &plan.disks {
-        jobs.push(
-            client
-                .start_job_raw(&d.create_job, "blockdev-create", overlay_create(d))
-                .await?,
-        );
-    }
-    for job in &mut jobs {
-        job.finish(std::time::Duration::from_secs(60)).await?;
-    }
-    for d in &plan.disks {
         client
             .execute_raw("blockdev-add", overlay_blockdev(d))
             .await?;
         undo.nodes.push(d.overlay_node.clone());
     }
     Ok(())
+}
+
+impl DiskRevert {
+    /// The fresh overlay file on the frozen image.
+    fn create_overlay(&self) -> Result<()> {
+        images::new_overlay(
+            &self.overlay,
+            self.virtual_size,
+            &self.frozen.to_string_lossy(),
+            &self.frozen_format,
+        )
+    }
+
+    fn create_step(&self) -> Step {
+        Step::CreateOverlay {
+            path: self.overlay.clone(),
+            backing: self.frozen.display().to_string(),
+            backing_format: self.frozen_format.clone(),
+            size: self.virtual_size,
+        }
+    }
 }
 
 /// Deletes the nodes of an abandoned chain, top first, with their file nodes.
@@ -536,9 +503,7 @@ pub fn run_offline(lock: &VmLock, record: &mut Record, plan: &RevertPlan) -> Res
     )?;
     let mut created = Vec::new();
     for d in &plan.disks {
-        if let Err(e) =
-            images::create_overlay(&d.overlay, &d.frozen.to_string_lossy(), &d.frozen_format)
-        {
+        if let Err(e) = d.create_overlay() {
             for f in &created {
                 let _ = std::fs::remove_file(f);
             }
