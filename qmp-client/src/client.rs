@@ -1,68 +1,25 @@
 //! The cheap, clonable handle through which commands are sent.
+//!
+//! A [`Client`] never touches the socket: it serializes a command into a
+//! [`Request`] and hands it to the connection task over a channel, then waits
+//! for the reply. Everything it shares with that task (the in-flight slots,
+//! the closed flag, the event sender) is in [`Shared`], so this module does
+//! not depend on [`crate::connection`].
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::connection::Request;
 use crate::error::{Endpoint, Error, Result};
-use crate::events::{Events, Notice};
+use crate::events::Events;
 use crate::message::{Greeting, decode_reply};
-
-/// State shared by every client handle, subscriptions and the connection task.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub greeting: Greeting,
-    pub endpoint: Endpoint,
-    pub events: broadcast::Sender<Notice>,
-    /// Set once, when the connection ends: `Some(reason)` (the reason itself
-    /// is `None` for an orderly close).
-    closed: OnceLock<Option<String>>,
-    /// Limits how many commands are in flight at once.
-    slots: Arc<Semaphore>,
-    pub max_depth: usize,
-}
-
-impl Shared {
-    pub(crate) fn new(
-        greeting: Greeting,
-        endpoint: Endpoint,
-        events: broadcast::Sender<Notice>,
-        max_in_flight: usize,
-        max_depth: usize,
-    ) -> Shared {
-        Shared {
-            greeting,
-            endpoint,
-            events,
-            closed: OnceLock::new(),
-            slots: Arc::new(Semaphore::new(max_in_flight.max(1))),
-            max_depth,
-        }
-    }
-
-    /// `None` while connected; `Some(reason)` once closed.
-    pub(crate) fn close_reason(&self) -> Option<Option<String>> {
-        self.closed.get().cloned()
-    }
-
-    /// Records the end of the connection once and tells every subscriber.
-    /// Returns the reason that was recorded (the first one wins).
-    pub(crate) fn mark_closed(&self, reason: Option<String>) -> Option<String> {
-        if self.closed.set(reason.clone()).is_ok() {
-            let _ = self
-                .events
-                .send(Notice::Disconnected(reason.as_deref().map(Arc::from)));
-        }
-        self.closed.get().cloned().flatten()
-    }
-}
+use crate::shared::{Request, Shared};
 
 /// A handle to a QMP connection. Clone it freely: clones share the connection.
 ///
@@ -258,13 +215,7 @@ impl Client {
         let closed = || Error::Closed {
             reason: self.shared.close_reason().flatten(),
         };
-        let _slot = self
-            .shared
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| closed())?;
+        let _slot = self.shared.acquire_slot().await.map_err(|_| closed())?;
         let mut message = serde_json::Map::new();
         message.insert("execute".into(), name.into());
         // QEMU treats a missing `arguments` like `{}`; every byte left out

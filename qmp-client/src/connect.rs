@@ -15,12 +15,12 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::codec::FramedRead;
 
-use crate::client::{Client, Shared};
+use crate::client::Client;
 use crate::codec::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_LINE, LineCodec, parse_json, preview};
 use crate::connection::{Connection, Reader, Writer};
 use crate::error::{Endpoint, Error, Result};
-use crate::events::Notice;
 use crate::message::{Greeting, Incoming};
+use crate::shared::{Notice, Shared};
 
 /// Connection settings. `Config::default()` suits QEMU on the same host.
 #[derive(Debug, Clone)]

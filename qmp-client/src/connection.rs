@@ -6,6 +6,9 @@
 //! QEMU closes the socket, when the peer breaks the protocol, or when every
 //! [`crate::Client`] is gone. However it ends, every call in flight fails with
 //! [`Error::Closed`] and every subscriber gets a final disconnect.
+//!
+//! It knows the clients only through the [`Request`]s they submit and the
+//! [`Shared`] state, not through [`crate::client`] or [`crate::events`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,7 +16,7 @@ use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use futures_util::StreamExt;
@@ -24,29 +27,10 @@ use tokio::net::{UnixStream, tcp, unix};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
-use crate::client::Shared;
 use crate::codec::{LineCodec, parse_json};
 use crate::error::{Error, Result};
-use crate::events::Notice;
 use crate::message::Incoming;
-
-/// A command on its way to the socket.
-pub(crate) struct Request {
-    pub command: String,
-    /// The serialized command without its closing `}`: the connection appends
-    /// `,"id":N}` and the newline once it has chosen the id.
-    pub line: Vec<u8>,
-    /// Descriptors sent with SCM_RIGHTS on the same write as `line`.
-    pub fds: Vec<OwnedFd>,
-    pub reply: oneshot::Sender<Result<Value>>,
-    /// Receives the id the command was sent with (for the caller's trace span).
-    pub span: tracing::Span,
-    /// Tells "never sent" from "result unknown". Set by whichever comes first:
-    /// the connection, just before it starts writing the line (a write once
-    /// started is finished), or the caller when it times out. The connection
-    /// does not write a command whose caller set it.
-    pub sent: Arc<AtomicBool>,
-}
+use crate::shared::{Notice, Request, Shared};
 
 /// Commands sent and not answered (including those whose callers gave up)
 /// beyond which QEMU is taken to have stopped answering.

@@ -14,16 +14,9 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use crate::client::Shared;
 use crate::error::{Error, Result};
 use crate::message::Event;
-
-/// What travels through the broadcast channel.
-#[derive(Debug, Clone)]
-pub(crate) enum Notice {
-    Event(Arc<Event>),
-    Disconnected(Option<Arc<str>>),
-}
+use crate::shared::{Notice, Shared};
 
 /// One item from a subscription.
 #[derive(Debug, Clone)]

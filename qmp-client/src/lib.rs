@@ -72,6 +72,7 @@ mod events;
 mod jobs;
 mod message;
 mod qga;
+mod shared;
 
 pub use client::{AddFdInfo, Client};
 pub use codec::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_LINE};
