@@ -45,7 +45,9 @@ pub fn drifts(record: &Record, live: Option<&LiveGraph>, jobs: &[RunningJob]) ->
             disk: None,
             message: format!(
                 "an interrupted {} (pid {}, started {}) left unfinished work",
-                entry.op, entry.pid, entry.started
+                entry.operation.name(),
+                entry.pid,
+                entry.started
             ),
         });
     }
@@ -185,7 +187,7 @@ pub fn repair(record: &mut Record, live: Option<&LiveGraph>) -> Vec<String> {
         if pos == 0 {
             continue;
         }
-        crate::plan::adopt_chain(record, disk);
+        record.adopt_chain(disk);
         let new_active = disk.chain[0].filename.clone();
         changes.push(format!(
             "{id}: adopted {} layer(s) QEMU opened on top of {}; active image is now {}",

@@ -10,8 +10,6 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::record::RecordProblem;
-
 /// A `Result` whose error is [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -69,7 +67,7 @@ pub enum Error {
         path: PathBuf,
         /// The version written in the file.
         found: u64,
-        /// The newest version this build reads ([`crate::record::RECORD_VERSION`]).
+        /// The newest version this build reads ((`RECORD_VERSION` of the record module)).
         supported: u32,
     },
 
@@ -159,9 +157,31 @@ pub enum Error {
     #[error("{0}")]
     Graph(String),
 
-    /// Record, QEMU and image headers disagree in a way that makes the operation unsafe.
+    /// Record, QEMU and image headers disagree in a way that makes the operation unsafe;
+    /// `snapctl check` names the difference.
     #[error("{0}")]
     Drift(String),
+
+    /// The operation was refused before anything changed: what was asked is not safe or
+    /// not possible on this chain (a foreign base to commit into, a branch point, nothing
+    /// to merge, a job already running). The message says what to do instead.
+    #[error("{0}")]
+    Refused(String),
+
+    /// A QEMU block job failed; QEMU's reason is in the message. The chain is as it was
+    /// unless the message says otherwise.
+    #[error("{0}")]
+    JobFailed(String),
+
+    /// A job did not finish within `--timeout` and was cancelled cleanly.
+    #[error("{0}")]
+    TimedOut(String),
+
+    /// A commit was stopped (interrupted, timed out or failed) after it had begun writing
+    /// into its base: the snapshots whose state lived there were removed from the record,
+    /// the chain itself is unchanged. The message names them.
+    #[error("{0}")]
+    CutShort(String),
 
     /// A snapshot of that name exists already.
     #[error("vm {vm} already has a snapshot named {}", quoted(name))]
@@ -229,11 +249,150 @@ pub enum Error {
     Interrupted,
 }
 
+/// A way in which a record breaks the model's invariants; found by `Record::validate`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordProblem {
+    /// The record's version is not the one this build writes.
+    #[error("version {found} is not {supported}, the version this snapctl writes")]
+    UnsupportedVersion {
+        /// The version in the record.
+        found: u32,
+        /// The version this build writes.
+        supported: u32,
+    },
+    /// The VM name cannot be used as a file name; see `names::validate_vm_name`.
+    #[error("vm name is invalid: {reason}")]
+    InvalidVmName {
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+    /// A snapshot name is invalid; see `names::validate_snapshot_name`.
+    #[error("snapshot name {} is invalid: {reason}", quoted(name))]
+    InvalidSnapshotName {
+        /// The name.
+        name: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+    /// A path is relative; every path in the record is absolute so that it means the same
+    /// whatever the working directory.
+    #[error("path {} ({what}) is not absolute", path.display())]
+    RelativePath {
+        /// What the path is, e.g. `active image of disk vda`.
+        what: String,
+        /// The path.
+        path: PathBuf,
+    },
+    /// A path is not valid UTF-8 and cannot be written to JSON.
+    #[error("path {} ({what}) is not valid UTF-8, which the record cannot store", path.display())]
+    NonUtf8Path {
+        /// What the path is.
+        what: String,
+        /// The path.
+        path: PathBuf,
+    },
+    /// Two snapshots share a name.
+    #[error("snapshot {} appears more than once", quoted(name))]
+    DuplicateSnapshot {
+        /// The name.
+        name: String,
+    },
+    /// A snapshot's parent is not in the record.
+    #[error(
+        "snapshot {} names parent {}, which is not in the record",
+        quoted(snapshot),
+        quoted(parent)
+    )]
+    UnknownParent {
+        /// The snapshot.
+        snapshot: String,
+        /// The missing parent.
+        parent: String,
+    },
+    /// Following parents from a snapshot comes back to it.
+    #[error("snapshot {} is its own ancestor", quoted(snapshot))]
+    ParentCycle {
+        /// A snapshot on the cycle.
+        snapshot: String,
+    },
+    /// The current snapshot is not in the record.
+    #[error("current snapshot {} is not in the record", quoted(name))]
+    UnknownCurrent {
+        /// The name.
+        name: String,
+    },
+    /// A disk's active image is not a known layer.
+    #[error(
+        "active image {} of disk {} is not a known layer",
+        image.display(),
+        quoted(disk)
+    )]
+    UnknownActiveImage {
+        /// The disk.
+        disk: String,
+        /// The image.
+        image: PathBuf,
+    },
+    /// A snapshot's frozen image is not a known layer.
+    #[error(
+        "snapshot {} freezes disk {} as {}, which is not a known layer",
+        quoted(snapshot),
+        quoted(disk),
+        image.display()
+    )]
+    UnknownFrozenImage {
+        /// The snapshot.
+        snapshot: String,
+        /// The disk.
+        disk: String,
+        /// The image.
+        image: PathBuf,
+    },
+    /// A layer's backing image is not a known layer.
+    #[error(
+        "layer {} is backed by {}, which is not a known layer",
+        layer.display(),
+        backing.display()
+    )]
+    UnknownBacking {
+        /// The layer.
+        layer: PathBuf,
+        /// Its backing image.
+        backing: PathBuf,
+    },
+    /// Following backing images from a layer comes back to it.
+    #[error("layer {} is its own backing image (a loop in the chain)", layer.display())]
+    BackingCycle {
+        /// A layer on the cycle.
+        layer: PathBuf,
+    },
+    /// Two journal entries share an id.
+    #[error("journal entry {id} appears more than once")]
+    DuplicateJournalId {
+        /// The id.
+        id: u64,
+    },
+}
+
 impl Error {
     /// QEMU may have carried out the last command even though we saw an error:
     /// re-read the graph before undoing anything.
     pub fn result_unknown(&self) -> bool {
         matches!(self, Error::Qmp(e) if e.result_unknown())
+    }
+
+    /// Why a job was stopped, as the start of a message saying what it left.
+    pub(crate) fn stop_reason(&self) -> String {
+        match self {
+            Error::Interrupted => "interrupted".to_owned(),
+            e => e.to_string(),
+        }
+    }
+
+    /// Whether QEMU went away (its socket closed) during the operation.
+    pub fn qemu_gone(&self) -> bool {
+        matches!(self, Error::Qmp(e) if e.is_closed())
     }
 
     /// Whether the error is a lock held by another snapctl (worth retrying later).

@@ -33,6 +33,8 @@ pub struct LiveLayer {
     pub read_only: bool,
     /// The backing string written in this image's header, if any.
     pub backing_string: Option<String>,
+    /// The protocol node under it (its `file` child), when QEMU says which.
+    pub file_node: Option<String>,
 }
 
 /// A guest disk and its chain.
@@ -263,6 +265,9 @@ fn assemble(blocks: Vec<BlockInfo>, nodes: Vec<NodeInfo>, edges: Option<Edges>) 
                 virtual_size: n.image.virtual_size,
                 read_only: n.ro,
                 backing_string: n.image.backing_filename,
+                file_node: edges
+                    .as_ref()
+                    .and_then(|e| e.get(&(n.node_name.clone(), "file".to_owned())).cloned()),
             };
             (n.node_name, (layer, n.backing_file))
         })

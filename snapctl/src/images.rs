@@ -1,10 +1,9 @@
-//! Image files on disk, through `qemu-img`: reading headers and creating overlays.
+//! Image files through `qemu-img`: reading headers and running the image-tool steps of
+//! offline plans. Overlays are written natively ([`crate::qcow2`]).
 //!
 //! snapctl never hands a user string to a shell: arguments go to `qemu-img`
 //! as an argument vector.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -79,52 +78,19 @@ fn read_info<T: serde::de::DeserializeOwned>(image: &Path, chain: bool) -> Resul
     })
 }
 
-/// Commits `top` into `base` (its backing, or lower in its chain), offline.
-/// `top` is left as it was (`-d`): it is about to be removed anyway.
-pub fn commit(top: &Path, base: &Path) -> Result<()> {
-    qemu_img(&[
-        "commit".as_ref(),
-        "-q".as_ref(),
-        "-d".as_ref(),
-        "-b".as_ref(),
-        base.as_os_str(),
-        top.as_os_str(),
-    ])
-    .map(drop)
-}
-
-/// Rewrites `image`'s backing string only (`qemu-img rebase -u`): for an image
-/// whose backing now holds exactly the same data under another name.
-pub fn rebase_unsafe(image: &Path, backing: &Path, backing_format: &str) -> Result<()> {
-    qemu_img(&[
-        "rebase".as_ref(),
-        "-q".as_ref(),
-        "-u".as_ref(),
-        "-b".as_ref(),
-        backing.as_os_str(),
-        "-F".as_ref(),
-        backing_format.as_ref(),
-        image.as_os_str(),
-    ])
-    .map(drop)
-}
-
-/// Moves `image` onto `backing` (`None`: no backing at all), copying into
-/// `image` whatever differs, so what `image` shows is unchanged: the offline
-/// equivalent of `block-stream`.
-pub fn rebase_safe(image: &Path, backing: Option<&Path>, backing_format: &str) -> Result<()> {
-    let mut args: Vec<&std::ffi::OsStr> = vec!["rebase".as_ref(), "-q".as_ref()];
-    match backing {
-        Some(b) => args.extend::<[&std::ffi::OsStr; 4]>([
-            "-b".as_ref(),
-            b.as_os_str(),
-            "-F".as_ref(),
-            backing_format.as_ref(),
-        ]),
-        None => args.extend::<[&std::ffi::OsStr; 2]>(["-b".as_ref(), "".as_ref()]),
+/// Runs an image tool exactly as a plan's [`crate::plan::Step::Tool`] says
+/// (`argv[0]` is `qemu-img`), failing with its first line of error output.
+pub fn run_tool(argv: &[String]) -> Result<()> {
+    match argv.split_first() {
+        Some((tool, args)) if tool == "qemu-img" => {
+            let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+            qemu_img(&args).map(drop)
+        }
+        _ => Err(Error::Tool(format!(
+            "snapctl runs only qemu-img, not {}",
+            argv.first().map_or("nothing", String::as_str)
+        ))),
     }
-    args.push(image.as_os_str());
-    qemu_img(&args).map(drop)
 }
 
 /// Fails when a process (QEMU) holds `image` open for writing: offline
@@ -134,275 +100,9 @@ pub fn ensure_unlocked(image: &Path) -> Result<()> {
     qemu_img(&["info".as_ref(), image.as_os_str()])
         .map(drop)
         .map_err(|e| {
-            Error::Drift(format!(
+            Error::Refused(format!(
                 "{} is in use by another process (is QEMU still running?): {e}",
                 image.display()
             ))
         })
-}
-
-/// Creates an empty file at `path` with `O_CREAT|O_EXCL` and mode 0600: it
-/// fails when anything is there already, a symlink included (the link is not
-/// followed), so nothing is ever written over.
-pub fn claim_file(path: &Path) -> Result<std::fs::File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| Error::Io {
-            action: "create overlay",
-            path: path.to_owned(),
-            source,
-        })
-}
-
-/// Creates a qcow2 overlay at `path` of `size` bytes, backed by `backing`
-/// (format `backing_format`), written into the header as given.
-///
-/// Never over an existing file: the path is claimed with `O_CREAT|O_EXCL`
-/// (which also refuses a symlink planted there) and the header written into
-/// the file snapctl now owns ([`write_qcow2_overlay`]). On failure the file is
-/// removed.
-pub fn new_overlay(path: &Path, size: u64, backing: &str, backing_format: &str) -> Result<()> {
-    let mut file = claim_file(path)?;
-    write_qcow2_overlay(&mut file, size, backing, backing_format).map_err(|source| {
-        let _ = std::fs::remove_file(path);
-        Error::Io {
-            action: "write overlay",
-            path: path.to_owned(),
-            source,
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overlay_never_replaces_an_existing_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("base.qcow2");
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&base)
-            .arg("1M")
-            .status()
-            .expect("qemu-img not found: run scripts/setup");
-        assert!(out.success());
-        let overlay = dir.path().join("o.qcow2");
-        new_overlay(&overlay, 1 << 20, base.to_str().unwrap(), "qcow2").unwrap();
-        let chain = backing_chain(&overlay).unwrap();
-        assert_eq!(chain.len(), 2);
-        assert_eq!(chain[0].backing_string.as_deref(), base.to_str());
-        assert_eq!(chain[1].filename, base);
-
-        std::fs::write(dir.path().join("keep"), b"precious").unwrap();
-        let err = new_overlay(
-            &dir.path().join("keep"),
-            1 << 20,
-            base.to_str().unwrap(),
-            "qcow2",
-        );
-        assert!(err.is_err());
-        assert_eq!(std::fs::read(dir.path().join("keep")).unwrap(), b"precious");
-
-        std::os::unix::fs::symlink(dir.path().join("target"), dir.path().join("link")).unwrap();
-        assert!(
-            new_overlay(
-                &dir.path().join("link"),
-                1 << 20,
-                base.to_str().unwrap(),
-                "qcow2"
-            )
-            .is_err()
-        );
-        assert!(
-            !dir.path().join("target").exists(),
-            "a planted symlink is never followed"
-        );
-    }
-}
-
-/// Writes an empty qcow2 (version 3) overlay into `file`, which must be new
-/// and empty: `size` bytes of virtual disk, backed by `backing` in format
-/// `backing_format`, 64 KiB clusters, 16-bit refcounts, no feature beyond the
-/// basics. This is the layout `qemu-img create -f qcow2 -b … -F …` produces
-/// (header, refcount table, one refcount block, L1 table), written directly so
-/// that taking a snapshot costs neither a process start nor QMP round trips.
-pub fn write_qcow2_overlay(
-    file: &mut std::fs::File,
-    size: u64,
-    backing: &str,
-    backing_format: &str,
-) -> std::io::Result<()> {
-    use std::io::{Error as IoError, ErrorKind, Seek, SeekFrom, Write};
-    const CLUSTER_BITS: u32 = 16;
-    const CLUSTER: u64 = 1 << CLUSTER_BITS;
-    // One L2 table maps CLUSTER / 8 clusters; one L1 entry per L2 table.
-    const BYTES_PER_L1_ENTRY: u64 = CLUSTER * (CLUSTER / 8);
-    const HEADER_LENGTH: u32 = 112;
-    const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
-
-    if backing.is_empty() || backing.len() > 1023 || backing_format.len() > 16 {
-        return Err(IoError::new(
-            ErrorKind::InvalidInput,
-            "unusable backing file name",
-        ));
-    }
-    let l1_size = size.div_ceil(BYTES_PER_L1_ENTRY);
-    let l1_bytes = l1_size * 8;
-    let l1_clusters = l1_bytes.div_ceil(CLUSTER).max(1);
-    let (refcount_table, refcount_block, l1_table) = (CLUSTER, 2 * CLUSTER, 3 * CLUSTER);
-    let clusters_used = 3 + l1_clusters;
-    if clusters_used > CLUSTER / 2 || u32::try_from(l1_size).is_err() {
-        return Err(IoError::new(
-            ErrorKind::InvalidInput,
-            "virtual size too large",
-        ));
-    }
-
-    let mut header = Vec::with_capacity(512);
-    let be32 = |v: &mut Vec<u8>, x: u32| v.extend_from_slice(&x.to_be_bytes());
-    let be64 = |v: &mut Vec<u8>, x: u64| v.extend_from_slice(&x.to_be_bytes());
-    header.extend_from_slice(b"QFI\xfb");
-    be32(&mut header, 3); // version
-    let backing_offset_at = header.len();
-    be64(&mut header, 0); // backing_file_offset, filled in below
-    be32(&mut header, backing.len() as u32);
-    be32(&mut header, CLUSTER_BITS);
-    be64(&mut header, size);
-    be32(&mut header, 0); // no encryption
-    be32(&mut header, l1_size as u32);
-    be64(&mut header, l1_table);
-    be64(&mut header, refcount_table);
-    be32(&mut header, 1); // refcount table clusters
-    be32(&mut header, 0); // snapshots
-    be64(&mut header, 0); // snapshots offset
-    be64(&mut header, 0); // incompatible features
-    be64(&mut header, 0); // compatible features
-    be64(&mut header, 0); // autoclear features
-    be32(&mut header, 4); // refcount order: 16-bit refcounts
-    be32(&mut header, HEADER_LENGTH);
-    header.push(0); // compression type: zlib
-    header.resize(HEADER_LENGTH as usize, 0);
-    // Header extension: the backing file's format, padded to 8 bytes.
-    be32(&mut header, EXT_BACKING_FORMAT);
-    be32(&mut header, backing_format.len() as u32);
-    header.extend_from_slice(backing_format.as_bytes());
-    header.resize(header.len().next_multiple_of(8), 0);
-    be64(&mut header, 0); // end of extensions
-    let backing_offset = header.len() as u64;
-    header[backing_offset_at..backing_offset_at + 8].copy_from_slice(&backing_offset.to_be_bytes());
-    header.extend_from_slice(backing.as_bytes());
-
-    let mut refcounts = Vec::with_capacity(clusters_used as usize * 2);
-    for _ in 0..clusters_used {
-        refcounts.extend_from_slice(&1u16.to_be_bytes());
-    }
-    file.write_all(&header)?;
-    file.seek(SeekFrom::Start(refcount_table))?;
-    file.write_all(&refcount_block.to_be_bytes())?;
-    file.seek(SeekFrom::Start(refcount_block))?;
-    file.write_all(&refcounts)?;
-    // The L1 table is all zeros (nothing allocated): extending the file is enough.
-    file.set_len(l1_table + l1_bytes)?;
-    file.sync_all()
-}
-
-#[cfg(test)]
-mod qcow2_tests {
-    use super::*;
-
-    fn qemu_img(args: &[&str]) -> std::process::Output {
-        Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img not found: run scripts/setup")
-    }
-
-    /// The overlay is what qemu-img would have made: same info, a clean
-    /// `qemu-img check`, and it reads its backing's data and takes writes.
-    #[test]
-    fn written_overlays_are_valid_qcow2() {
-        let dir = tempfile::tempdir().unwrap();
-        for (size, name) in [
-            (64 << 20, "small"),
-            ((1 << 30) + 65536, "odd"),
-            (16u64 << 40, "huge"),
-            (512, "tiny"),
-        ] {
-            let base = dir.path().join(format!("{name}-base.qcow2"));
-            let s = size.to_string();
-            assert!(
-                qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), &s])
-                    .status
-                    .success()
-            );
-            let ours = dir.path().join(format!("{name}-ours.qcow2"));
-            let theirs = dir.path().join(format!("{name}-theirs.qcow2"));
-            let mut f = claim_file(&ours).unwrap();
-            write_qcow2_overlay(&mut f, size, base.to_str().unwrap(), "qcow2").unwrap();
-            assert!(
-                qemu_img(&[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-b",
-                    base.to_str().unwrap(),
-                    "-F",
-                    "qcow2",
-                    theirs.to_str().unwrap()
-                ])
-                .status
-                .success()
-            );
-
-            let check = qemu_img(&["check", ours.to_str().unwrap()]);
-            assert!(check.status.success(), "{name}: {check:?}");
-            let info = |p: &Path| -> serde_json::Value {
-                serde_json::from_slice(
-                    &qemu_img(&["info", "--output=json", p.to_str().unwrap()]).stdout,
-                )
-                .unwrap()
-            };
-            let (a, b) = (info(&ours), info(&theirs));
-            for key in [
-                "virtual-size",
-                "format",
-                "cluster-size",
-                "backing-filename",
-                "backing-filename-format",
-            ] {
-                assert_eq!(a[key], b[key], "{name}: {key}");
-            }
-            assert_eq!(a["format-specific"]["data"]["compat"], "1.1");
-            assert_eq!(a["format-specific"]["data"]["refcount-bits"], 16);
-
-            // Reads fall through to the backing image; writes land in ours.
-            let io = |img: &Path, cmd: &str| {
-                let out = Command::new("qemu-io")
-                    .args(["-f", "qcow2", "-c", cmd, img.to_str().unwrap()])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("fail"),
-                    "{cmd}: {out:?}"
-                );
-            };
-            let len = size.min(65536);
-            io(&base, &format!("write -P 0x5a 0 {len}"));
-            io(&ours, &format!("read -P 0x5a 0 {len}"));
-            io(&ours, &format!("write -P 0xa5 0 {len}"));
-            io(&ours, &format!("read -P 0xa5 0 {len}"));
-            io(&base, &format!("read -P 0x5a 0 {len}"));
-            assert!(
-                qemu_img(&["check", ours.to_str().unwrap()])
-                    .status
-                    .success()
-            );
-        }
-    }
 }

@@ -1,40 +1,49 @@
 //! The snapshot engine behind the `snapctl` command: external disk-snapshot chains of
 //! QEMU VMs, managed over QMP without libvirt.
 //!
-//! The pieces:
+//! Start with [`Session`]: it opens one VM (its lock, its record, its QEMU when that
+//! runs), plans operations and runs them.
 //!
-//! - [`record`]: what snapctl knows about one VM — its disks, the layers of each disk's
-//!   image tree, its snapshots and the operations in flight — and the model's invariants.
-//! - [`store`]: where records live: one JSON file per VM, written atomically, one writer
-//!   at a time behind a per-VM lock.
+//! The pieces, bottom up:
+//!
+//! - [`error`]: the one error type, with distinct kinds (refused, drift, job failed,
+//!   timed out, cut short, interrupted, QEMU gone).
 //! - [`names`]: which snapshot and VM names are accepted, and the QEMU node names and
 //!   overlay file names derived from them.
+//! - [`operation`]: the operations as data (create, revert, delete, commit, pull), what
+//!   the journal stores.
+//! - [`record`]: what snapctl knows about one VM (disks, layers, snapshots, the journal),
+//!   the model's invariants, and every change an operation makes to it.
+//! - [`store`]: where records live: one JSON file per VM, written atomically, one writer
+//!   at a time behind a per-VM lock.
 //! - [`graph`]: QEMU's live block graph, per disk the chain of layers; [`images`]: the
-//!   same from image headers, and overlay creation.
-//! - [`plan`]: pure planners (record + live graph in, ordered steps out); `--dry-run`
-//!   prints their steps. [`create`] runs a create plan against QEMU.
+//!   same from image headers, through `qemu-img`; [`qcow2`]: overlays written natively.
+//! - [`plan`]: pure planners (record + facts in, typed operation and ordered steps out);
+//!   `--dry-run` prints the steps.
+//! - [`run`]: the [`Session`], and the one executor that carries out any plan's steps;
+//!   recovery of interrupted operations.
 //! - [`views`]: snapshot lists, chains, `qemu-args`; [`check`]: drift between record,
 //!   QEMU and headers.
-//! - [`error`]: the one error type.
 //!
 //! The library never prints; the binary owns stdout and stderr.
 
 pub mod check;
-pub mod create;
-pub mod delete;
 pub mod error;
 pub mod fault;
 pub mod graph;
 pub mod images;
-pub mod merge;
 pub mod names;
+pub mod operation;
 pub mod plan;
+pub mod qcow2;
 pub mod record;
-pub mod recover;
-pub mod revert;
+pub mod run;
 pub mod store;
 pub mod views;
 
 pub use error::{Error, Result};
+pub use plan::create::CreateOptions;
+pub use plan::{Plan, Step};
 pub use record::{RECORD_VERSION, Record};
+pub use run::{Interrupt, Outcome, RunOptions, Session, SessionOptions};
 pub use store::{Store, VmLock};

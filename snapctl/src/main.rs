@@ -6,17 +6,18 @@ mod cli;
 mod output;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{CommandFactory, Parser};
-use qmp_client::{Client, GuestAgent};
-use snapctl::create::Interrupt;
-use snapctl::plan::{self, CreateOptions};
+use qmp_client::Client;
+use snapctl::operation::Operation;
 use snapctl::record::Record;
-use snapctl::{Store, check, graph, revert, views};
+use snapctl::{
+    CreateOptions, Interrupt, Plan, RunOptions, Session, SessionOptions, Store, check, graph, views,
+};
 
 use crate::cli::{Cli, Command, CreateArgs, JobAction, JobArgs};
 
@@ -106,8 +107,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let store = Store::open(&g.state_dir.clone().unwrap_or_else(Store::default_dir))?;
     let vm = resolve_vm(&store, g.vm.as_deref())?;
     match &cli.command {
-        Command::Init => init(&cli, &store, &vm).await,
-        Command::Create(args) => create(&cli, &store, &vm, args).await,
+        Command::Init => init(g, &store, &vm).await,
+        Command::Create(args) => create(g, &store, &vm, args).await,
         Command::List { tree } => {
             let record = registered(&store, &vm)?;
             output::list(&record, *tree, g.json)?;
@@ -137,13 +138,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 .into());
             }
-            let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
+            let client = match socket_of(g, Some(&record)) {
+                Some(s) => snapctl::run::connect_if_running(&s, COMMAND_TIMEOUT).await?,
+                None => None,
+            };
             let live = graph::read_if_running(client.as_ref()).await?;
             let view = views::chains(&record, live.as_ref(), disk.as_deref())?;
             output::chain(&view, g.json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { repair } => check_cmd(&cli, &store, &vm, *repair).await,
+        Command::Check { repair } => check_cmd(g, &store, &vm, *repair).await,
         Command::Delete {
             name,
             children,
@@ -152,23 +156,59 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             dry_run,
         } => {
-            let options = snapctl::delete::JobOptions {
-                bandwidth: bandwidth.unwrap_or(0),
-                timeout: *timeout,
-                interrupt: Interrupt::new(),
-                progress: Some(output::progress_reporter(g.json)),
+            let mut session = open(g, &store, &vm).await?;
+            let targets = if *children {
+                snapctl::plan::delete::with_descendants(session.record(), name)
+            } else {
+                vec![name.clone()]
             };
-            delete(
-                &cli,
-                &store,
-                &vm,
-                name,
-                *children,
-                *metadata_only,
-                &options,
-                *dry_run,
-            )
-            .await
+            if session.record().snapshot(name).is_none() {
+                return Err(snapctl::Error::UnknownSnapshot {
+                    vm: vm.clone(),
+                    name: name.clone(),
+                }
+                .into());
+            }
+            settle(&mut session, *dry_run).await?;
+            let bandwidth = bandwidth.unwrap_or(0);
+            if *dry_run {
+                let mut steps = Vec::new();
+                for target in &targets {
+                    let plan = session
+                        .plan_delete(target, *metadata_only, bandwidth)
+                        .await?;
+                    steps.extend(plan.steps);
+                    // Plan the next target against the record as this one
+                    // leaves it (in memory only: nothing is saved).
+                    if let Operation::Delete(op) = &plan.operation {
+                        snapctl::plan::delete::apply(session.record_mut(), op);
+                    }
+                }
+                output::plan(&steps, g.json)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let options = run_options(g, *timeout);
+            let watcher = watch_signals(options.interrupt.clone());
+            let mut done = Vec::new();
+            for target in &targets {
+                let plan = session
+                    .plan_delete(target, *metadata_only, bandwidth)
+                    .await?;
+                let outcome = session.run(&plan, &options).await?;
+                let Operation::Delete(op) = plan.operation else {
+                    unreachable!("a delete plan holds a delete")
+                };
+                if !g.json {
+                    output::deleted_text(&op, &outcome)?;
+                }
+                done.push((op, outcome));
+            }
+            watcher.abort();
+            if g.json {
+                let reports: Vec<_> = done.iter().map(|(op, o)| output::deleted(op, o)).collect();
+                output::deleted_json(&reports)?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Commit {
             disk,
@@ -176,34 +216,57 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             base,
             job,
         } => {
-            raw_merge(&cli, &store, &vm, job, |record, live| {
-                snapctl::merge::plan_commit(record, live, disk, top.as_deref(), base.as_deref())
-            })
-            .await
+            let mut session = open(g, &store, &vm).await?;
+            settle(&mut session, job.dry_run).await?;
+            let plan = session
+                .plan_commit(
+                    disk,
+                    top.as_deref(),
+                    base.as_deref(),
+                    job.bandwidth.unwrap_or(0),
+                )
+                .await?;
+            run_merge(g, &mut session, plan, job).await
         }
         Command::Pull { disk, base, job } => {
-            raw_merge(&cli, &store, &vm, job, |record, live| {
-                snapctl::merge::plan_pull(record, live, disk, base.as_deref())
-            })
-            .await
+            let mut session = open(g, &store, &vm).await?;
+            settle(&mut session, job.dry_run).await?;
+            let plan = session
+                .plan_pull(disk, base.as_deref(), job.bandwidth.unwrap_or(0))
+                .await?;
+            run_merge(g, &mut session, plan, job).await
         }
         Command::Jobs => {
-            let record = registered(&store, &vm)?;
-            let client = connect(&need_socket(g, Some(&record))?).await?;
+            let client = connect(g, &store, &vm).await?;
             let jobs = client.query_jobs().await?;
             output::jobs(&jobs, g.json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Job { action } => {
-            let record = registered(&store, &vm)?;
-            let client = connect(&need_socket(g, Some(&record))?).await?;
+            let client = connect(g, &store, &vm).await?;
             job_action(&client, action, g.json).await
         }
         Command::Revert {
             name,
             paused,
             dry_run,
-        } => revert(&cli, &store, &vm, name, *paused, *dry_run).await,
+        } => {
+            let mut session = open(g, &store, &vm).await?;
+            settle(&mut session, *dry_run).await?;
+            let plan = session.plan_revert(name, *paused).await?;
+            if *dry_run {
+                output::plan(&plan.steps, g.json)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let options = run_options(g, None);
+            let outcome = run_watched(&mut session, &plan, &options).await?;
+            let Operation::Revert(op) = &plan.operation else {
+                unreachable!("a revert plan holds a revert")
+            };
+            let args = (!op.live).then(|| views::qemu_args(session.record(), None));
+            output::reverted(op, &outcome, args.as_deref(), g.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::QemuArgs { disk } => {
             let record = registered(&store, &vm)?;
             let args = views::qemu_args(&record, disk.as_deref());
@@ -218,6 +281,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Completions { .. } | Command::Man => unreachable!("handled above"),
     }
 }
+
+/// How long QEMU may take to answer one command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The VM to work on: `--vm`, or the only registered one.
 fn resolve_vm(store: &Store, vm: Option<&str>) -> anyhow::Result<String> {
@@ -248,109 +314,97 @@ fn socket_of(g: &cli::Global, record: Option<&Record>) -> Option<PathBuf> {
         .or_else(|| record.and_then(|r| r.qmp_socket.clone()))
 }
 
-async fn connect(socket: &Path) -> anyhow::Result<Client> {
-    let (client, connection) = qmp_client::Config::new()
-        .connect_timeout(Duration::from_secs(5))
-        .greeting_timeout(Duration::from_secs(5))
-        .command_timeout(Some(Duration::from_secs(60)))
-        .connect_unix(socket)
-        .await?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
-/// Connects when QEMU runs; `None` when the socket is absent or refuses
-/// (QEMU stopped). A busy or non-QMP socket is an error.
-async fn connect_if_running(socket: Option<&Path>) -> anyhow::Result<Option<Client>> {
-    let Some(socket) = socket else {
-        return Ok(None);
+/// QEMU's monitor of a registered VM, without taking the VM's lock (`jobs`,
+/// `job`: they must work while another snapctl runs a job).
+async fn connect(g: &cli::Global, store: &Store, vm: &str) -> anyhow::Result<Client> {
+    let record = registered(store, vm)?;
+    let Some(socket) = socket_of(g, Some(&record)) else {
+        bail!("no QMP socket known for this VM: pass --socket PATH");
     };
-    match connect(socket).await {
-        Ok(c) => Ok(Some(c)),
-        Err(e) => match e.downcast_ref::<qmp_client::Error>() {
-            Some(qmp_client::Error::Connect { source, .. })
-                if matches!(
-                    source.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) =>
-            {
-                Ok(None)
-            }
-            _ => Err(e),
-        },
+    match snapctl::run::connect_if_running(&socket, COMMAND_TIMEOUT).await? {
+        Some(client) => Ok(client),
+        None => bail!(
+            "QEMU of vm {vm} is not running (nothing answers on {})",
+            socket.display()
+        ),
     }
 }
 
-fn need_socket(g: &cli::Global, record: Option<&Record>) -> anyhow::Result<PathBuf> {
-    socket_of(g, record).context("no QMP socket known for this VM: pass --socket PATH")
-}
-
-/// The record to update, or a fresh one for an unregistered VM.
-fn load_or_new(lock: &snapctl::VmLock, vm: &str) -> anyhow::Result<Record> {
-    Ok(lock.load()?.unwrap_or_else(|| Record::new(vm)))
-}
-
-/// Registers the live disks the record lacks (their drivers read through QOM).
-async fn register(
-    client: &Client,
-    record: &mut Record,
-    live: &graph::LiveGraph,
-) -> anyhow::Result<Vec<String>> {
-    let mut drivers = std::collections::BTreeMap::new();
-    for disk in live.disks.values().filter(|d| d.snapshottable()) {
-        if !record.disks.contains_key(&disk.id) {
-            drivers.insert(
-                disk.id.clone(),
-                graph::device_driver(client, &disk.id).await?,
-            );
-        }
+/// Opens a registered VM for a command that changes it.
+async fn open(g: &cli::Global, store: &Store, vm: &str) -> anyhow::Result<Session> {
+    let session = Session::open(store, vm, &session_options(g)).await?;
+    if !session.is_registered() {
+        return Err(snapctl::Error::UnknownVm { vm: vm.to_owned() }.into());
     }
-    Ok(plan::register(record, live, &drivers))
+    Ok(session)
 }
 
-fn remember_sockets(g: &cli::Global, record: &mut Record, socket: &Path) -> anyhow::Result<()> {
-    record.qmp_socket = Some(std::path::absolute(socket)?);
-    if let Some(qga) = &g.qga {
-        record.qga_socket = Some(std::path::absolute(qga)?);
+fn session_options(g: &cli::Global) -> SessionOptions {
+    SessionOptions {
+        socket: g.socket.clone(),
+        qga: g.qga.clone(),
+        lock_wait: g.lock_wait,
+        command_timeout: COMMAND_TIMEOUT,
+    }
+}
+
+/// Before a command that changes the VM (not for a dry run): finish or undo
+/// what an interrupted run left in the journal, and say which.
+async fn settle(session: &mut Session, dry_run: bool) -> anyhow::Result<()> {
+    if dry_run {
+        return Ok(());
+    }
+    for line in session.settle().await? {
+        eprintln!("snapctl: {line}");
     }
     Ok(())
 }
 
-async fn init(cli: &Cli, store: &Store, vm: &str) -> anyhow::Result<ExitCode> {
-    let g = &cli.global;
-    let lock = store.lock(vm, g.lock_wait)?;
-    let mut record = load_or_new(&lock, vm)?;
-    let socket = need_socket(g, Some(&record))?;
-    let client = connect(&socket).await?;
-    let live = graph::read(&client).await?;
-    let added = register(&client, &mut record, &live).await?;
-    if record.disks.is_empty() {
+fn run_options(g: &cli::Global, timeout: Option<Duration>) -> RunOptions {
+    RunOptions {
+        timeout,
+        interrupt: Interrupt::new(),
+        progress: Some(output::progress_reporter(g.json)),
+    }
+}
+
+/// Runs a plan with SIGINT/SIGTERM turned into a clean stop.
+async fn run_watched(
+    session: &mut Session,
+    plan: &Plan,
+    options: &RunOptions,
+) -> snapctl::Result<snapctl::Outcome> {
+    let watcher = watch_signals(options.interrupt.clone());
+    let result = session.run(plan, options).await;
+    watcher.abort();
+    result
+}
+
+async fn init(g: &cli::Global, store: &Store, vm: &str) -> anyhow::Result<ExitCode> {
+    let mut session = Session::open(store, vm, &session_options(g)).await?;
+    session.running_client()?;
+    let added = session.register().await?;
+    if session.record().disks.is_empty() {
         return Err(snapctl::Error::NoWritableDisk { vm: vm.to_owned() }.into());
     }
-    remember_sockets(g, &mut record, &socket)?;
-    lock.save(&record)?;
-    output::init(&record, &added, g.json)?;
+    session.save()?;
+    output::init(session.record(), &added, g.json)?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn create(cli: &Cli, store: &Store, vm: &str, args: &CreateArgs) -> anyhow::Result<ExitCode> {
-    let g = &cli.global;
+async fn create(
+    g: &cli::Global,
+    store: &Store,
+    vm: &str,
+    args: &CreateArgs,
+) -> anyhow::Result<ExitCode> {
     // Bad names fail before anything is opened.
     snapctl::names::validate_snapshot_name(&args.name)?;
-    let lock = store.lock(vm, g.lock_wait)?;
-    let mut before = lock.load()?;
-    let mut record = before.clone().unwrap_or_else(|| Record::new(vm));
-    let socket = need_socket(g, Some(&record))?;
-    let client = connect(&socket).await?;
-    if let Some(settled) = before.as_mut().filter(|_| !args.dry_run) {
-        settle_journal(Some(&client), &lock, settled).await?;
-        record = settled.clone();
+    let mut session = Session::open(store, vm, &session_options(g)).await?;
+    session.running_client()?;
+    if session.is_registered() {
+        settle(&mut session, args.dry_run).await?;
     }
-    let live = graph::read(&client).await?;
-    let mut updated = record.clone();
-    register(&client, &mut updated, &live).await?;
-    remember_sockets(g, &mut updated, &socket)?;
-
     let opts = CreateOptions {
         name: args.name.clone(),
         description: args.description.clone(),
@@ -359,57 +413,16 @@ async fn create(cli: &Cli, store: &Store, vm: &str, args: &CreateArgs) -> anyhow
         overlays: args.overlays.iter().cloned().collect(),
         quiesce: args.quiesce,
     };
-    let plan = plan::plan_create(&updated, &live, &opts, jiff::Timestamp::now())?;
+    let plan = session.plan_create(&opts).await?;
     if args.dry_run {
-        output::plan(&plan.steps(), g.json)?;
+        output::plan(&plan.steps, g.json)?;
         return Ok(ExitCode::SUCCESS);
     }
-
-    let mut agent = if args.quiesce {
-        let path = g
-            .qga
-            .clone()
-            .or_else(|| updated.qga_socket.clone())
-            .context("--quiesce needs the guest agent socket: pass --qga PATH")?;
-        let agent = GuestAgent::connect(&path, Duration::from_secs(5))
-            .await
-            .with_context(|| {
-                format!(
-                    "--quiesce: the guest agent at {} does not answer",
-                    path.display()
-                )
-            })?;
-        Some(agent)
-    } else {
-        None
+    let outcome = run_watched(&mut session, &plan, &run_options(g, None)).await?;
+    let Operation::Create(op) = &plan.operation else {
+        unreachable!("a create plan holds a create")
     };
-
-    let interrupt = Interrupt::new();
-    let watcher = watch_signals(interrupt.clone());
-    record = updated;
-    let result = snapctl::create::run(
-        &client,
-        &lock,
-        &mut record,
-        &plan,
-        agent.as_mut(),
-        &interrupt,
-    )
-    .await;
-    watcher.abort();
-    let warnings = match result {
-        Ok(warnings) => warnings,
-        Err(e) => {
-            // Nothing was changed in QEMU or on disk: neither is the record,
-            // not even the registration this command would have added.
-            lock.restore(before.as_ref())?;
-            return Err(e.into());
-        }
-    };
-    for w in &warnings {
-        tracing::warn!("{w}");
-    }
-    output::created(&plan, &warnings, g.json)?;
+    output::created(op, &outcome, g.json)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -430,155 +443,45 @@ fn watch_signals(interrupt: Interrupt) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn check_cmd(cli: &Cli, store: &Store, vm: &str, repair: bool) -> anyhow::Result<ExitCode> {
-    let g = &cli.global;
-    let lock = store.lock(vm, g.lock_wait)?;
-    let Some(mut record) = lock.load()? else {
-        return Err(snapctl::Error::UnknownVm { vm: vm.to_owned() }.into());
-    };
-    let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
+async fn check_cmd(
+    g: &cli::Global,
+    store: &Store,
+    vm: &str,
+    repair: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut session = open(g, store, vm).await?;
     let mut changes = Vec::new();
     if repair {
-        changes = snapctl::recover::recover(client.as_ref(), &lock, &mut record).await?;
+        changes = session.repair_journal().await?;
     }
-    let (live, jobs) = match &client {
-        Some(c) => {
-            let live = graph::read(c).await?;
-            let jobs = c
-                .query_jobs()
-                .await?
-                .into_iter()
-                .map(|j| check::RunningJob {
-                    id: j.id,
-                    kind: j.kind,
-                    status: j.status.to_string(),
-                })
-                .collect();
-            (Some(live), jobs)
-        }
-        None => (None, Vec::new()),
+    let jobs = match session.client() {
+        Some(c) => c
+            .query_jobs()
+            .await?
+            .into_iter()
+            .map(|j| check::RunningJob {
+                id: j.id,
+                kind: j.kind,
+                status: j.status.to_string(),
+            })
+            .collect(),
+        None => Vec::new(),
     };
+    let live = session.live().await?.cloned();
     if repair {
-        let adopted = check::repair(&mut record, live.as_ref());
+        let adopted = check::repair(session.record_mut(), live.as_ref());
         if !adopted.is_empty() {
-            lock.save(&record)?;
+            session.save()?;
         }
         changes.extend(adopted);
     }
-    let drifts = check::drifts(&record, live.as_ref(), &jobs);
+    let drifts = check::drifts(session.record(), live.as_ref(), &jobs);
     output::check(&drifts, &changes, live.is_some(), g.json)?;
     Ok(if drifts.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_DRIFT)
     })
-}
-
-async fn revert(
-    cli: &Cli,
-    store: &Store,
-    vm: &str,
-    name: &str,
-    paused: bool,
-    dry_run: bool,
-) -> anyhow::Result<ExitCode> {
-    let g = &cli.global;
-    let lock = store.lock(vm, g.lock_wait)?;
-    let mut record = lock
-        .load()?
-        .ok_or_else(|| snapctl::Error::UnknownVm { vm: vm.to_owned() })?;
-    let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
-    if !dry_run {
-        settle_journal(client.as_ref(), &lock, &mut record).await?;
-    }
-    let live = graph::read_if_running(client.as_ref()).await?;
-    let plan = revert::plan(&record, live.as_ref(), name, paused)?;
-    if dry_run {
-        output::plan(&plan.steps(&record), g.json)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let interrupt = Interrupt::new();
-    let watcher = watch_signals(interrupt.clone());
-    let result = match &client {
-        Some(c) => revert::run_live(c, &lock, &mut record, &plan, &interrupt).await,
-        None => revert::run_offline(&lock, &mut record, &plan),
-    };
-    watcher.abort();
-    let warnings = result?;
-    for w in &warnings {
-        tracing::warn!("{w}");
-    }
-    let args = (!plan.live).then(|| views::qemu_args(&record, None));
-    output::reverted(&plan, args.as_deref(), &warnings, g.json)?;
-    Ok(ExitCode::SUCCESS)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn delete(
-    cli: &Cli,
-    store: &Store,
-    vm: &str,
-    name: &str,
-    children: bool,
-    metadata_only: bool,
-    options: &snapctl::delete::JobOptions,
-    dry_run: bool,
-) -> anyhow::Result<ExitCode> {
-    let g = &cli.global;
-    let lock = store.lock(vm, g.lock_wait)?;
-    let mut record = lock
-        .load()?
-        .ok_or_else(|| snapctl::Error::UnknownVm { vm: vm.to_owned() })?;
-    if record.snapshot(name).is_none() {
-        return Err(snapctl::Error::UnknownSnapshot {
-            vm: vm.to_owned(),
-            name: name.to_owned(),
-        }
-        .into());
-    }
-    let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
-    if !dry_run {
-        settle_journal(client.as_ref(), &lock, &mut record).await?;
-    }
-    let targets = if children {
-        snapctl::delete::with_descendants(&record, name)
-    } else {
-        vec![name.to_owned()]
-    };
-    let watcher = watch_signals(options.interrupt.clone());
-    let mut reports = Vec::new();
-    let mut steps = Vec::new();
-    for target in &targets {
-        let live = graph::read_if_running(client.as_ref()).await?;
-        let plan = snapctl::delete::plan(&record, live.as_ref(), target, metadata_only)?;
-        if dry_run {
-            steps.extend(plan.steps(&record, options));
-            // Plan the next target against the record as this one leaves it
-            // (in memory only: nothing is saved).
-            snapctl::delete::apply(&mut record, &plan);
-            continue;
-        }
-        let lines =
-            snapctl::delete::run(client.as_ref(), &lock, &mut record, &plan, options).await?;
-        if g.json {
-            let mut v = snapctl::delete::to_json(&plan);
-            v["report"] = lines.into();
-            reports.push(v);
-        } else {
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "deleted snapshot {target}")?;
-            for l in lines {
-                writeln!(out, "  {l}")?;
-            }
-        }
-    }
-    watcher.abort();
-    if dry_run {
-        output::plan(&steps, g.json)?;
-    } else if g.json {
-        output::json(&serde_json::json!({ "deleted": reports }))?;
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn job_action(
@@ -600,9 +503,11 @@ async fn job_action(
     let limit = timeout.unwrap_or(Duration::from_secs(365 * 24 * 3600));
     let error = job.wait_concluded(limit).await?;
     if as_json {
-        output::json(
-            &serde_json::json!({ "id": id, "status": job.status().to_string(), "error": error }),
-        )?;
+        output::json(&output::JobEnd {
+            id,
+            status: job.status().as_str(),
+            error: error.as_deref(),
+        })?;
     } else {
         writeln!(
             std::io::stdout(),
@@ -617,85 +522,20 @@ async fn job_action(
     }
 }
 
-async fn raw_merge(
-    cli: &Cli,
-    store: &Store,
-    vm: &str,
+async fn run_merge(
+    g: &cli::Global,
+    session: &mut Session,
+    plan: Plan,
     args: &JobArgs,
-    plan: impl FnOnce(&Record, Option<&graph::LiveGraph>) -> snapctl::Result<snapctl::merge::RawPlan>,
 ) -> anyhow::Result<ExitCode> {
-    let g = &cli.global;
-    let lock = store.lock(vm, g.lock_wait)?;
-    let mut record = lock
-        .load()?
-        .ok_or_else(|| snapctl::Error::UnknownVm { vm: vm.to_owned() })?;
-    let client = connect_if_running(socket_of(g, Some(&record)).as_deref()).await?;
-    if !args.dry_run {
-        settle_journal(client.as_ref(), &lock, &mut record).await?;
-    }
-    let live = graph::read_if_running(client.as_ref()).await?;
-    let plan = plan(&record, live.as_ref())?;
-    let options = snapctl::delete::JobOptions {
-        bandwidth: args.bandwidth.unwrap_or(0),
-        timeout: args.timeout,
-        interrupt: Interrupt::new(),
-        progress: Some(output::progress_reporter(g.json)),
-    };
     if args.dry_run {
-        output::plan(&plan.steps(&record, &options), g.json)?;
+        output::plan(&plan.steps, g.json)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let watcher = watch_signals(options.interrupt.clone());
-    let result = snapctl::merge::run(client.as_ref(), &lock, &mut record, &plan, &options).await;
-    watcher.abort();
-    let lines = result?;
-    if g.json {
-        output::json(&serde_json::json!({
-            "disk": plan.disk,
-            "merge": plan.merge,
-            "removed_snapshots": plan.removed_snapshots,
-            "report": lines,
-        }))?;
-    } else {
-        let mut out = std::io::stdout().lock();
-        match &plan.merge {
-            snapctl::merge::RawMerge::Commit { top, base } => writeln!(
-                out,
-                "{}: committed {} into {}",
-                plan.disk,
-                top.display(),
-                base.display()
-            )?,
-            snapctl::merge::RawMerge::Pull { active, .. } => {
-                writeln!(out, "{}: pulled into {}", plan.disk, active.display())?
-            }
-        }
-        for l in lines {
-            writeln!(out, "  {l}")?;
-        }
-    }
+    let outcome = run_watched(session, &plan, &run_options(g, args.timeout)).await?;
+    let (Operation::Commit(op) | Operation::Pull(op)) = &plan.operation else {
+        unreachable!("a commit or pull plan holds a merge")
+    };
+    output::merged(op, &outcome, g.json)?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Before a mutating command: finish or undo what an interrupted run left in
-/// the journal, and say which; refuse to go on while something stays unresolved.
-async fn settle_journal(
-    client: Option<&Client>,
-    lock: &snapctl::VmLock,
-    record: &mut Record,
-) -> anyhow::Result<()> {
-    if record.journal.is_empty() {
-        return Ok(());
-    }
-    for line in snapctl::recover::recover(client, lock, record).await? {
-        eprintln!("snapctl: {line}");
-    }
-    if let Some(entry) = record.journal.first() {
-        bail!(
-            "an interrupted {} (pid {}) left unfinished work: run snapctl check --repair",
-            entry.op,
-            entry.pid
-        );
-    }
-    Ok(())
 }

@@ -265,6 +265,18 @@ fn base32(h: u64, digits: usize) -> String {
         .collect()
 }
 
+/// Quotes an argument for a POSIX shell (`eval "qemu … $(snapctl qemu-args)"`).
+pub fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_=,./:@+".contains(&b))
+    {
+        return arg.to_owned();
+    }
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};

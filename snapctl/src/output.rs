@@ -3,13 +3,17 @@
 //! The JSON shapes are the contract documented in the README ("JSON output");
 //! fields may be added, never renamed.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use serde_json::json;
+use snapctl::Outcome;
 use snapctl::check::Drift;
-use snapctl::plan::{CreatePlan, Step};
+use snapctl::operation::{Boundary, Create, Delete, LiveJob, Merge, MergeKind, Revert};
+use snapctl::plan::Step;
 use snapctl::record::{Record, Snapshot};
+use snapctl::run::{Progress, ProgressFn};
 use snapctl::views::{self, ChainView, SnapshotView};
 
 pub fn json<T: Serialize + ?Sized>(value: &T) -> io::Result<()> {
@@ -157,9 +161,14 @@ pub fn chain(view: &ChainView, as_json: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// `--dry-run`: the plan's steps, numbered; `{"dry_run": true, "steps": [...]}`
+/// with `--json`.
 pub fn plan(steps: &[Step], as_json: bool) -> io::Result<()> {
     if as_json {
-        return json(&json!({ "dry_run": true, "steps": steps }));
+        return json(&DryRun {
+            dry_run: true,
+            steps,
+        });
     }
     let mut out = io::stdout().lock();
     for (i, step) in steps.iter().enumerate() {
@@ -168,29 +177,59 @@ pub fn plan(steps: &[Step], as_json: bool) -> io::Result<()> {
     writeln!(out, "(dry run: nothing was changed)")
 }
 
-pub fn created(plan: &CreatePlan, warnings: &[String], as_json: bool) -> io::Result<()> {
+/// `--dry-run --json` of every mutating command.
+#[derive(Serialize)]
+struct DryRun<'a> {
+    dry_run: bool,
+    /// The steps, as `{"step": KIND, …}`: `create-overlay`, `guest-agent`,
+    /// `qmp` (`command`, `arguments`), `await-jobs`, `release-node`, `tool`
+    /// (`argv`), `record` (`change`), `remove-file` (`path`).
+    steps: &'a [Step],
+}
+
+/// One disk of a snapshot or a revert: the frozen image and the overlay now written.
+#[derive(Serialize)]
+struct Switched<'a> {
+    image: &'a Path,
+    overlay: &'a Path,
+}
+
+/// `create --json`.
+#[derive(Serialize)]
+struct Created<'a> {
+    snapshot: &'a str,
+    parent: Option<&'a str>,
+    quiesced: bool,
+    disks: BTreeMap<&'a str, Switched<'a>>,
+    warnings: &'a [String],
+}
+
+pub fn created(op: &Create, outcome: &Outcome, as_json: bool) -> io::Result<()> {
     if as_json {
-        let disks: serde_json::Map<String, serde_json::Value> = plan
-            .disks
-            .iter()
-            .map(|d| {
-                (
-                    d.disk.clone(),
-                    json!({ "image": d.frozen, "overlay": d.overlay }),
-                )
-            })
-            .collect();
-        return json(&json!({
-            "snapshot": plan.name,
-            "parent": plan.parent,
-            "quiesced": plan.quiesce,
-            "disks": disks,
-            "warnings": warnings,
-        }));
+        return json(&Created {
+            snapshot: &op.name,
+            parent: op.parent.as_deref(),
+            quiesced: op.quiesce,
+            disks: op
+                .disks
+                .iter()
+                .map(|d| {
+                    (
+                        d.disk.as_str(),
+                        Switched {
+                            image: &d.frozen,
+                            overlay: &d.overlay,
+                        },
+                    )
+                })
+                .collect(),
+            warnings: &outcome.warnings,
+        });
     }
+    warnings(outcome);
     let mut out = io::stdout().lock();
-    writeln!(out, "created snapshot {}", plan.name)?;
-    for d in &plan.disks {
+    writeln!(out, "created snapshot {}", op.name)?;
+    for d in &op.disks {
         writeln!(
             out,
             "  {}: froze {}, now writing {}",
@@ -202,19 +241,39 @@ pub fn created(plan: &CreatePlan, warnings: &[String], as_json: bool) -> io::Res
     Ok(())
 }
 
+/// `init --json`.
+#[derive(Serialize)]
+struct Registered<'a> {
+    vm: &'a str,
+    disks: BTreeMap<&'a str, RegisteredDisk<'a>>,
+}
+
+#[derive(Serialize)]
+struct RegisteredDisk<'a> {
+    /// The recorded chain, active image first.
+    chain: Vec<&'a Path>,
+    /// Registered by this run (false: the record knew it already).
+    added: bool,
+}
+
 pub fn init(record: &Record, added: &[String], as_json: bool) -> io::Result<()> {
     if as_json {
-        let disks: serde_json::Map<String, serde_json::Value> = record
-            .disks
-            .keys()
-            .map(|id| {
-                (
-                    id.clone(),
-                    json!({ "chain": record.chain(id), "added": added.contains(id) }),
-                )
-            })
-            .collect();
-        return json(&json!({ "vm": record.vm, "disks": disks }));
+        return json(&Registered {
+            vm: &record.vm,
+            disks: record
+                .disks
+                .keys()
+                .map(|id| {
+                    (
+                        id.as_str(),
+                        RegisteredDisk {
+                            chain: record.chain(id),
+                            added: added.contains(id),
+                        },
+                    )
+                })
+                .collect(),
+        });
     }
     let mut out = io::stdout().lock();
     writeln!(out, "registered {}", record.vm)?;
@@ -234,9 +293,24 @@ pub fn init(record: &Record, added: &[String], as_json: bool) -> io::Result<()> 
     Ok(())
 }
 
+/// `check --json`.
+#[derive(Serialize)]
+struct Checked<'a> {
+    /// Whether QEMU's graph took part in the comparison.
+    qemu_running: bool,
+    /// What `--repair` changed, one line each.
+    repaired: &'a [String],
+    /// Each drift: `{"kind", "disk", "message"}`.
+    drift: &'a [Drift],
+}
+
 pub fn check(drifts: &[Drift], changes: &[String], live: bool, as_json: bool) -> io::Result<()> {
     if as_json {
-        return json(&json!({ "qemu_running": live, "repaired": changes, "drift": drifts }));
+        return json(&Checked {
+            qemu_running: live,
+            repaired: changes,
+            drift: drifts,
+        });
     }
     let mut out = io::stdout().lock();
     for c in changes {
@@ -255,35 +329,52 @@ pub fn check(drifts: &[Drift], changes: &[String], live: bool, as_json: bool) ->
     Ok(())
 }
 
+/// `revert --json`.
+#[derive(Serialize)]
+struct Reverted<'a> {
+    snapshot: &'a str,
+    /// QEMU ran: the devices were switched and the guest reset.
+    live: bool,
+    paused: bool,
+    disks: BTreeMap<&'a str, Switched<'a>>,
+    /// QEMU was not running: the arguments that start it on the reverted disks.
+    qemu_args: Option<&'a [String]>,
+    removed_files: &'a [PathBuf],
+    warnings: &'a [String],
+}
+
 pub fn reverted(
-    plan: &snapctl::revert::RevertPlan,
+    op: &Revert,
+    outcome: &Outcome,
     qemu_args: Option<&[String]>,
-    warnings: &[String],
     as_json: bool,
 ) -> io::Result<()> {
     if as_json {
-        let disks: serde_json::Map<String, serde_json::Value> = plan
-            .disks
-            .iter()
-            .map(|d| {
-                (
-                    d.disk.clone(),
-                    json!({ "image": d.frozen, "overlay": d.overlay }),
-                )
-            })
-            .collect();
-        return json(&json!({
-            "snapshot": plan.snapshot,
-            "live": plan.live,
-            "paused": plan.live && plan.paused,
-            "disks": disks,
-            "qemu_args": qemu_args,
-            "warnings": warnings,
-        }));
+        return json(&Reverted {
+            snapshot: &op.snapshot,
+            live: op.live,
+            paused: op.live && op.paused,
+            disks: op
+                .disks
+                .iter()
+                .map(|d| {
+                    (
+                        d.disk.as_str(),
+                        Switched {
+                            image: &d.frozen,
+                            overlay: &d.overlay,
+                        },
+                    )
+                })
+                .collect(),
+            qemu_args,
+            removed_files: &outcome.removed_files,
+            warnings: &outcome.warnings,
+        });
     }
     let mut out = io::stdout().lock();
-    writeln!(out, "reverted to {}", plan.snapshot)?;
-    for d in &plan.disks {
+    writeln!(out, "reverted to {}", op.snapshot)?;
+    for d in &op.disks {
         writeln!(
             out,
             "  {}: now writing {} (on {})",
@@ -292,6 +383,7 @@ pub fn reverted(
             d.frozen.display()
         )?;
     }
+    removed_and_warnings(&mut out, outcome)?;
     if let Some(args) = qemu_args {
         let line: Vec<String> = args.iter().map(|a| views::shell_quote(a)).collect();
         writeln!(out, "QEMU is not running; start it with:")?;
@@ -300,18 +392,180 @@ pub fn reverted(
     Ok(())
 }
 
+/// The files an operation removed, on stdout; its warnings go to stderr.
+fn removed_and_warnings(out: &mut impl Write, outcome: &Outcome) -> io::Result<()> {
+    for f in &outcome.removed_files {
+        writeln!(out, "  removed {}", f.display())?;
+    }
+    warnings(outcome);
+    Ok(())
+}
+
+/// An operation's warnings, on stderr (in `--json` they are in the document).
+pub fn warnings(outcome: &Outcome) {
+    for w in &outcome.warnings {
+        tracing::warn!("{w}");
+    }
+}
+
+/// The QEMU job of a merge, as reports show it.
+#[derive(Serialize)]
+struct JobView<'a> {
+    id: &'a str,
+    /// `block-commit` or `block-stream`.
+    command: &'a str,
+    /// An active commit (the device pivots to the base).
+    active: bool,
+}
+
+impl<'a> JobView<'a> {
+    fn of(job: &'a LiveJob) -> JobView<'a> {
+        JobView {
+            id: &job.id,
+            command: &job.command,
+            active: job.active,
+        }
+    }
+}
+
+/// One disk of a `delete --json` report.
+#[derive(Serialize)]
+struct DiskDeleted<'a> {
+    disk: &'a str,
+    /// The snapshot's frozen image on this disk.
+    frozen: &'a Path,
+    /// `{"operation": "commit", "top", "base"}`, `{"operation": "stream",
+    /// "from", "into"}`, `{"operation": "drop"}` or `{"operation": "keep",
+    /// "reason"}`.
+    merge: &'a Boundary,
+    /// The QEMU job when the merge ran live; `null` when it ran offline.
+    job: Option<JobView<'a>>,
+}
+
+/// One snapshot deleted.
+#[derive(Serialize)]
+pub struct Deleted<'a> {
+    snapshot: &'a str,
+    disks: Vec<DiskDeleted<'a>>,
+    removed_files: &'a [PathBuf],
+    warnings: &'a [String],
+}
+
+/// `delete --json`: `{"deleted": [...]}`, one element per snapshot, in order.
+#[derive(Serialize)]
+struct DeleteReport<'a> {
+    deleted: &'a [Deleted<'a>],
+}
+
+pub fn deleted<'a>(op: &'a Delete, outcome: &'a Outcome) -> Deleted<'a> {
+    Deleted {
+        snapshot: &op.snapshot,
+        disks: op
+            .disks
+            .iter()
+            .map(|d| DiskDeleted {
+                disk: &d.disk,
+                frozen: &d.frozen,
+                merge: &d.merge,
+                job: d.job.as_ref().map(JobView::of),
+            })
+            .collect(),
+        removed_files: &outcome.removed_files,
+        warnings: &outcome.warnings,
+    }
+}
+
+/// Prints one deleted snapshot as text (`--json` collects them instead).
+pub fn deleted_text(op: &Delete, outcome: &Outcome) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "deleted snapshot {}", op.snapshot)?;
+    for line in snapctl::plan::delete::summary(op) {
+        writeln!(out, "  {line}")?;
+    }
+    removed_and_warnings(&mut out, outcome)
+}
+
+pub fn deleted_json(reports: &[Deleted<'_>]) -> io::Result<()> {
+    json(&DeleteReport { deleted: reports })
+}
+
+/// `commit --json` and `pull --json`.
+#[derive(Serialize)]
+struct Merged<'a> {
+    disk: &'a str,
+    /// `{"operation": "commit", "top", "base"}` or `{"operation": "pull",
+    /// "active", "base"}` (`base` null: the active image stands alone).
+    merge: &'a MergeKind,
+    job: Option<JobView<'a>>,
+    /// Snapshots whose state the commit destroyed, removed from the record.
+    removed_snapshots: &'a [String],
+    removed_files: &'a [PathBuf],
+    warnings: &'a [String],
+}
+
+pub fn merged(op: &Merge, outcome: &Outcome, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(&Merged {
+            disk: &op.disk,
+            merge: &op.merge,
+            job: op.job.as_ref().map(JobView::of),
+            removed_snapshots: &op.removed_snapshots,
+            removed_files: &outcome.removed_files,
+            warnings: &outcome.warnings,
+        });
+    }
+    let mut out = io::stdout().lock();
+    match &op.merge {
+        MergeKind::Commit { top, base } => writeln!(
+            out,
+            "{}: committed {} into {}",
+            op.disk,
+            top.display(),
+            base.display()
+        )?,
+        MergeKind::Pull { active, .. } => {
+            writeln!(out, "{}: pulled into {}", op.disk, active.display())?
+        }
+    }
+    for s in &op.removed_snapshots {
+        writeln!(out, "  removed snapshot {s}: its state no longer exists")?;
+    }
+    removed_and_warnings(&mut out, outcome)
+}
+
+/// One of QEMU's jobs (`jobs --json`: `{"jobs": [...]}`).
+#[derive(Serialize)]
+struct JobRow<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    status: &'a str,
+    /// Progress in the job's units (bytes for block jobs).
+    current: u64,
+    total: u64,
+    error: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct JobList<'a> {
+    jobs: Vec<JobRow<'a>>,
+}
+
 pub fn jobs(jobs: &[qmp_client::JobInfo], as_json: bool) -> io::Result<()> {
     if as_json {
-        let list: Vec<serde_json::Value> = jobs
-            .iter()
-            .map(|j| {
-                json!({
-                    "id": j.id, "type": j.kind, "status": j.status.to_string(),
-                    "current": j.current_progress, "total": j.total_progress, "error": j.error,
+        return json(&JobList {
+            jobs: jobs
+                .iter()
+                .map(|j| JobRow {
+                    id: &j.id,
+                    kind: &j.kind,
+                    status: j.status.as_str(),
+                    current: j.current_progress,
+                    total: j.total_progress,
+                    error: j.error.as_deref(),
                 })
-            })
-            .collect();
-        return json(&json!({ "jobs": list }));
+                .collect(),
+        });
     }
     let mut out = io::stdout().lock();
     if jobs.is_empty() {
@@ -346,13 +600,13 @@ pub fn jobs(jobs: &[qmp_client::JobInfo], as_json: bool) -> io::Result<()> {
 
 /// Progress of merge jobs: a bar with bytes, rate and ETA on a terminal, one
 /// JSON line per update on stderr otherwise (stdout stays one document).
-pub fn progress_reporter(as_json: bool) -> snapctl::delete::ProgressFn {
+pub fn progress_reporter(as_json: bool) -> ProgressFn {
     use std::io::IsTerminal;
     use std::sync::{Arc, Mutex};
     if !as_json && io::stderr().is_terminal() {
         let bars: Mutex<std::collections::HashMap<String, indicatif::ProgressBar>> =
             Mutex::default();
-        return Arc::new(move |p: &snapctl::delete::Progress| {
+        return Arc::new(move |p: &Progress| {
             let mut bars = bars.lock().unwrap_or_else(|e| e.into_inner());
             let bar = bars.entry(p.job.clone()).or_insert_with(|| {
                 let bar = indicatif::ProgressBar::new(p.total);
@@ -370,8 +624,24 @@ pub fn progress_reporter(as_json: bool) -> snapctl::delete::ProgressFn {
             bar.set_position(p.current);
         });
     }
-    Arc::new(|p: &snapctl::delete::Progress| {
-        let line = json!({ "progress": { "job": p.job, "current": p.current, "total": p.total } });
-        let _ = writeln!(io::stderr().lock(), "{line}");
+    Arc::new(|p: &Progress| {
+        if let Ok(line) = serde_json::to_string(&ProgressLine { progress: p }) {
+            let _ = writeln!(io::stderr().lock(), "{line}");
+        }
     })
+}
+
+/// A progress line on stderr: `{"progress": {"job", "current", "total"}}`.
+#[derive(Serialize)]
+struct ProgressLine<'a> {
+    progress: &'a Progress,
+}
+
+/// `job cancel|wait ID --json`.
+#[derive(Serialize)]
+pub struct JobEnd<'a> {
+    pub id: &'a str,
+    pub status: &'a str,
+    /// QEMU's error text when the job failed.
+    pub error: Option<&'a str>,
 }

@@ -13,8 +13,11 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+pub use crate::error::RecordProblem;
 use crate::error::{Error, Result, quoted};
+use crate::graph::LiveDisk;
 use crate::names;
+use crate::operation::Operation;
 
 /// The record format this build writes, and the newest it reads.
 pub const RECORD_VERSION: u32 = 1;
@@ -138,144 +141,65 @@ pub struct SnapshotDisk {
 }
 
 /// An operation in flight.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// On disk: `{"id", "op", "started", "pid", "detail"}`, where `op` names the
+/// operation (`create`, `revert`, …) and `detail` holds its typed plan. An
+/// entry whose detail this build cannot read is kept as
+/// [`Operation::Unreadable`]; an operation that cannot be encoded fails the
+/// save instead of being written as `null`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct JournalEntry {
     /// Identifies the entry among those in flight.
     pub id: u64,
-    /// The operation: `create`, `revert`, `delete`, …
-    pub op: String,
     /// When the operation began.
     pub started: Timestamp,
     /// The process that ran it, to tell a crashed run from one still going.
     pub pid: u32,
-    /// The planned steps (files to create, nodes to add, …), in the operation's own
-    /// terms, so the next run can finish or undo them.
-    #[serde(default)]
-    pub detail: serde_json::Value,
+    /// What the operation does (files to create, nodes to add, jobs to run), so the
+    /// next run can finish or undo it.
+    pub operation: Operation,
 }
 
-/// A way in which a record breaks the model's invariants; found by [`Record::validate`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum RecordProblem {
-    /// The record's version is not the one this build writes.
-    #[error("version {found} is not {RECORD_VERSION}, the version this snapctl writes")]
-    UnsupportedVersion {
-        /// The version in the record.
-        found: u32,
-    },
-    /// The VM name cannot be used as a file name; see [`names::validate_vm_name`].
-    #[error("vm name is invalid: {reason}")]
-    InvalidVmName {
-        /// The rule it breaks.
-        reason: &'static str,
-    },
-    /// A snapshot name is invalid; see [`names::validate_snapshot_name`].
-    #[error("snapshot name {} is invalid: {reason}", quoted(name))]
-    InvalidSnapshotName {
-        /// The name.
-        name: String,
-        /// The rule it breaks.
-        reason: &'static str,
-    },
-    /// A path is relative; every path in the record is absolute so that it means the same
-    /// whatever the working directory.
-    #[error("path {} ({what}) is not absolute", path.display())]
-    RelativePath {
-        /// What the path is, e.g. `active image of disk vda`.
-        what: String,
-        /// The path.
-        path: PathBuf,
-    },
-    /// A path is not valid UTF-8 and cannot be written to JSON.
-    #[error("path {} ({what}) is not valid UTF-8, which the record cannot store", path.display())]
-    NonUtf8Path {
-        /// What the path is.
-        what: String,
-        /// The path.
-        path: PathBuf,
-    },
-    /// Two snapshots share a name.
-    #[error("snapshot {} appears more than once", quoted(name))]
-    DuplicateSnapshot {
-        /// The name.
-        name: String,
-    },
-    /// A snapshot's parent is not in the record.
-    #[error(
-        "snapshot {} names parent {}, which is not in the record",
-        quoted(snapshot),
-        quoted(parent)
-    )]
-    UnknownParent {
-        /// The snapshot.
-        snapshot: String,
-        /// The missing parent.
-        parent: String,
-    },
-    /// Following parents from a snapshot comes back to it.
-    #[error("snapshot {} is its own ancestor", quoted(snapshot))]
-    ParentCycle {
-        /// A snapshot on the cycle.
-        snapshot: String,
-    },
-    /// The current snapshot is not in the record.
-    #[error("current snapshot {} is not in the record", quoted(name))]
-    UnknownCurrent {
-        /// The name.
-        name: String,
-    },
-    /// A disk's active image is not a known layer.
-    #[error(
-        "active image {} of disk {} is not a known layer",
-        image.display(),
-        quoted(disk)
-    )]
-    UnknownActiveImage {
-        /// The disk.
-        disk: String,
-        /// The image.
-        image: PathBuf,
-    },
-    /// A snapshot's frozen image is not a known layer.
-    #[error(
-        "snapshot {} freezes disk {} as {}, which is not a known layer",
-        quoted(snapshot),
-        quoted(disk),
-        image.display()
-    )]
-    UnknownFrozenImage {
-        /// The snapshot.
-        snapshot: String,
-        /// The disk.
-        disk: String,
-        /// The image.
-        image: PathBuf,
-    },
-    /// A layer's backing image is not a known layer.
-    #[error(
-        "layer {} is backed by {}, which is not a known layer",
-        layer.display(),
-        backing.display()
-    )]
-    UnknownBacking {
-        /// The layer.
-        layer: PathBuf,
-        /// Its backing image.
-        backing: PathBuf,
-    },
-    /// Following backing images from a layer comes back to it.
-    #[error("layer {} is its own backing image (a loop in the chain)", layer.display())]
-    BackingCycle {
-        /// A layer on the cycle.
-        layer: PathBuf,
-    },
-    /// Two journal entries share an id.
-    #[error("journal entry {id} appears more than once")]
-    DuplicateJournalId {
-        /// The id.
-        id: u64,
-    },
+/// The journal entry as written in the record file.
+#[derive(Serialize, Deserialize)]
+struct JournalEntryOnDisk {
+    id: u64,
+    op: String,
+    started: Timestamp,
+    pid: u32,
+    #[serde(default)]
+    detail: serde_json::Value,
+}
+
+impl Serialize for JournalEntry {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        let detail = self.operation.detail().map_err(serde::ser::Error::custom)?;
+        JournalEntryOnDisk {
+            id: self.id,
+            op: self.operation.name().to_owned(),
+            started: self.started,
+            pid: self.pid,
+            detail,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for JournalEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let raw = JournalEntryOnDisk::deserialize(deserializer)?;
+        Ok(JournalEntry {
+            id: raw.id,
+            started: raw.started,
+            pid: raw.pid,
+            operation: Operation::from_parts(&raw.op, raw.detail),
+        })
+    }
 }
 
 impl Record {
@@ -365,6 +289,7 @@ impl Record {
         if self.version != RECORD_VERSION {
             return Some(RecordProblem::UnsupportedVersion {
                 found: self.version,
+                supported: RECORD_VERSION,
             });
         }
         if let Some(reason) = names::vm_name_problem(&self.vm) {
@@ -594,6 +519,148 @@ impl Record {
     /// The recorded backing of `image`, as the record's own path.
     fn backing_of(&self, image: &Path) -> Option<&Path> {
         self.layers.get(image)?.backing.as_deref()
+    }
+
+    /// Whether snapctl created `image` (and may write or remove it).
+    pub fn owns(&self, image: &Path) -> bool {
+        self.layers.get(image).is_some_and(|l| l.owned)
+    }
+
+    /// The recorded format of `image` (`qcow2` when it is not a known layer).
+    pub fn format_of(&self, image: &Path) -> &str {
+        self.layers
+            .get(image)
+            .map_or("qcow2", |l| l.format.as_str())
+    }
+
+    // Changes. Every change an operation makes to a record is one of these, so
+    // that create, revert, delete, commit and pull (and their recovery) agree
+    // on what a change means.
+
+    /// Records a new owned qcow2 overlay on `frozen` and makes it `disk`'s
+    /// active image.
+    pub fn add_overlay(&mut self, disk: &str, overlay: &Path, frozen: &Path, virtual_size: u64) {
+        self.layers.insert(
+            overlay.to_owned(),
+            Layer {
+                format: "qcow2".into(),
+                backing: Some(frozen.to_owned()),
+                backing_string: Some(frozen.display().to_string()),
+                owned: true,
+                virtual_size: Some(virtual_size),
+            },
+        );
+        if let Some(d) = self.disks.get_mut(disk) {
+            d.active = overlay.to_owned();
+        }
+    }
+
+    /// Drops snapshot `name`: its children now descend from its parent, and so
+    /// does the current state if it descended from `name`.
+    pub fn remove_snapshot(&mut self, name: &str) {
+        let parent = self.snapshot(name).and_then(|s| s.parent.clone());
+        for s in &mut self.snapshots {
+            if s.parent.as_deref() == Some(name) {
+                s.parent = parent.clone();
+            }
+        }
+        if self.current.as_deref() == Some(name) {
+            self.current = parent;
+        }
+        self.snapshots.retain(|s| s.name != name);
+    }
+
+    /// After `top` was committed into `base`: whatever stood on `top` (layers,
+    /// snapshots, active images) now stands on `base`. `top` leaves every chain;
+    /// [`Record::prune`] then drops it.
+    pub fn relink_after_commit(&mut self, top: &Path, base: &Path) {
+        for layer in self.layers.values_mut() {
+            if layer.backing.as_deref() == Some(top) {
+                layer.backing = Some(base.to_owned());
+                layer.backing_string = Some(base.display().to_string());
+            }
+        }
+        for s in &mut self.snapshots {
+            for sd in s.disks.values_mut() {
+                if sd.image == top {
+                    sd.image = base.to_owned();
+                }
+            }
+        }
+        for disk in self.disks.values_mut() {
+            if disk.active == top {
+                disk.active = base.to_owned();
+            }
+        }
+    }
+
+    /// After a stream into `into`: it now stands directly on `below` (`None`:
+    /// on nothing); the layers it skipped keep their content.
+    pub fn relink_after_stream(&mut self, into: &Path, below: Option<&Path>) {
+        if let Some(layer) = self.layers.get_mut(into) {
+            layer.backing_string = below.map(|b| b.display().to_string());
+            layer.backing = below.map(Path::to_owned);
+        }
+    }
+
+    /// Drops the layers nothing needs any more; returns the owned ones' files
+    /// (to delete once nothing has them open). Foreign files are never returned.
+    pub fn prune(&mut self) -> Vec<PathBuf> {
+        let needed: BTreeSet<PathBuf> = self
+            .layers_needed()
+            .into_iter()
+            .map(Path::to_path_buf)
+            .collect();
+        let unneeded: Vec<PathBuf> = self
+            .layers
+            .keys()
+            .filter(|p| !needed.contains(*p))
+            .cloned()
+            .collect();
+        let mut files = Vec::new();
+        for path in unneeded {
+            if let Some(layer) = self.layers.remove(&path)
+                && layer.owned
+            {
+                files.push(path);
+            }
+        }
+        files
+    }
+
+    /// Records the layers of a live chain that the record does not know, as
+    /// foreign. Layers the record knows are left as they are.
+    pub fn adopt_chain(&mut self, disk: &LiveDisk) {
+        for (i, layer) in disk.chain.iter().enumerate() {
+            self.layers
+                .entry(layer.filename.clone())
+                .or_insert_with(|| Layer {
+                    format: layer.format.clone(),
+                    backing: disk.chain.get(i + 1).map(|b| b.filename.clone()),
+                    backing_string: layer.backing_string.clone(),
+                    owned: false,
+                    virtual_size: Some(layer.virtual_size),
+                });
+        }
+    }
+
+    /// Adds a live disk the record does not know yet, with its chain as foreign
+    /// layers, attached through `driver` (`init`, and the first `create`).
+    pub fn register_disk(&mut self, disk: &LiveDisk, driver: &str) {
+        if self.disks.contains_key(&disk.id) || disk.chain.is_empty() {
+            return;
+        }
+        self.adopt_chain(disk);
+        self.disks.insert(
+            disk.id.clone(),
+            Disk {
+                active: disk.chain[0].filename.clone(),
+                device: DeviceBinding {
+                    driver: driver.to_owned(),
+                    extra: BTreeMap::new(),
+                },
+            },
+        );
     }
 }
 
@@ -924,10 +991,9 @@ mod tests {
                 Box::new(|r| {
                     let entry = JournalEntry {
                         id: 7,
-                        op: "create".into(),
                         started: Timestamp::UNIX_EPOCH,
                         pid: 1,
-                        detail: serde_json::Value::Null,
+                        operation: Operation::from_parts("create", serde_json::Value::Null),
                     };
                     r.journal = vec![entry.clone(), entry];
                 }),

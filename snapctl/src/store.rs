@@ -27,6 +27,7 @@ use jiff::Timestamp;
 
 use crate::error::{Error, Result};
 use crate::names::{validate_vm_name, vm_name_problem};
+use crate::operation::Operation;
 use crate::record::{JournalEntry, Record};
 
 /// The state directory holding every VM's record.
@@ -268,20 +269,19 @@ impl VmLock {
         check_vm(&self.record_path, &self.vm, &existing)
     }
 
-    /// Records the intent to perform `op` before its first change: appends a journal entry
-    /// with `detail` (the planned steps), saves, and returns the entry's id for
-    /// [`VmLock::resolve`].
+    /// Records the intent to perform `operation` before its first change: appends a
+    /// journal entry, saves, and returns the entry's id for [`VmLock::resolve`].
     ///
-    /// Ids are unique among the entries in flight. If saving fails, the entry is taken
-    /// back out of `rec`, which then matches the file again.
-    pub fn begin(&self, rec: &mut Record, op: &str, detail: serde_json::Value) -> Result<u64> {
+    /// Ids are unique among the entries in flight. If saving fails (an operation that
+    /// cannot be encoded included), the entry is taken back out of `rec`, which then
+    /// matches the file again.
+    pub fn begin(&self, rec: &mut Record, operation: Operation) -> Result<u64> {
         let id = rec.journal.iter().map(|e| e.id).max().map_or(1, |m| m + 1);
         rec.journal.push(JournalEntry {
             id,
-            op: op.to_owned(),
             started: Timestamp::now(),
             pid: std::process::id(),
-            detail,
+            operation,
         });
         if let Err(e) = self.save(rec) {
             rec.journal.pop();

@@ -183,17 +183,7 @@ pub fn qemu_args(record: &Record, only: Option<&str>) -> Vec<String> {
     args
 }
 
-/// Quotes an argument for a POSIX shell (`eval "qemu … $(snapctl qemu-args)"`).
-pub fn shell_quote(arg: &str) -> String {
-    if !arg.is_empty()
-        && arg
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_=,./:@+".contains(&b))
-    {
-        return arg.to_owned();
-    }
-    format!("'{}'", arg.replace('\'', r"'\''"))
-}
+pub use crate::names::shell_quote;
 
 #[cfg(test)]
 mod tests {

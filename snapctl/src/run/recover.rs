@@ -11,19 +11,19 @@
 //! recorded, and a snapshot whose frozen image a cut-short commit may have
 //! written is removed rather than trusted.
 
-use qmp_client::Client;
-use serde_json::json;
-
-use crate::error::Result;
-use crate::graph::{self, LiveGraph};
 use std::path::Path;
 
-use crate::delete::{DeletePlan, Merge};
+use qmp_client::Client;
+use serde_json::Value;
+
+use super::RunOptions;
+use super::exec::Executor;
+use crate::error::Result;
+use crate::graph::{self, LiveGraph};
 use crate::images;
-use crate::merge::{RawMerge, RawPlan};
-use crate::plan::CreatePlan;
+use crate::operation::{Boundary, Create, Delete, Merge, MergeKind, Operation, Revert};
+use crate::plan::{self, Step, qom_set_drive, removals};
 use crate::record::{JournalEntry, Record};
-use crate::revert::RevertPlan;
 use crate::store::VmLock;
 
 /// Whether the process that wrote a journal entry still runs.
@@ -47,31 +47,21 @@ pub async fn recover(
     let mut lines = Vec::new();
     let entries: Vec<JournalEntry> = record.journal.clone();
     for entry in entries {
+        let name = entry.operation.name().to_owned();
         if alive(entry.pid) {
             lines.push(format!(
-                "{} by pid {} is still running; left alone",
-                entry.op, entry.pid
+                "{name} by pid {} is still running; left alone",
+                entry.pid
             ));
             continue;
         }
-        let detail = entry.detail.clone();
-        let outcome = match (entry.op.as_str(), client) {
-            ("create", Some(c)) => match serde_json::from_value::<CreatePlan>(detail) {
-                Ok(plan) => Some(recover_create(c, record, &plan).await?),
-                Err(_) => None,
-            },
-            ("revert", _) => match serde_json::from_value::<RevertPlan>(detail) {
-                Ok(plan) => Some(recover_revert(client, record, &plan).await?),
-                Err(_) => None,
-            },
-            ("delete", _) => match serde_json::from_value::<DeletePlan>(detail) {
-                Ok(plan) => Some(recover_delete(client, record, &plan).await?),
-                Err(_) => None,
-            },
-            ("commit" | "pull", _) => match serde_json::from_value::<RawPlan>(detail) {
-                Ok(plan) => Some(recover_raw(client, record, &plan).await?),
-                Err(_) => None,
-            },
+        let outcome = match (&entry.operation, client) {
+            (Operation::Create(op), Some(c)) => Some(recover_create(c, record, op).await?),
+            (Operation::Revert(op), _) => Some(recover_revert(client, record, op).await?),
+            (Operation::Delete(op), _) => Some(recover_delete(client, record, op).await?),
+            (Operation::Commit(op) | Operation::Pull(op), _) => {
+                Some(recover_merge(client, record, op).await?)
+            }
             _ => None,
         };
         match outcome {
@@ -80,8 +70,7 @@ pub async fn recover(
                 lock.resolve(record, entry.id)?;
             }
             None => lines.push(format!(
-                "an interrupted {} (pid {}, started {}) cannot be resolved automatically{}; inspect with snapctl chain and check",
-                entry.op,
+                "an interrupted {name} (pid {}, started {}) cannot be resolved automatically{}; inspect with snapctl chain and check",
                 entry.pid,
                 entry.started,
                 if client.is_none() { " while QEMU is not running" } else { "" }
@@ -91,47 +80,61 @@ pub async fn recover(
     Ok(lines)
 }
 
-async fn recover_create(client: &Client, record: &mut Record, plan: &CreatePlan) -> Result<String> {
-    let live: LiveGraph = graph::read(client).await?;
-    let switched = plan.disks.iter().all(|d| {
-        live.disks
-            .get(&d.disk)
-            .and_then(|disk| disk.active())
-            .is_some_and(|a| a.node == d.overlay_node)
-    });
-    if switched {
-        plan.apply(record);
+/// Runs recovery's own steps (best effort: what cannot be done is left for
+/// `check` to report); returns the warnings.
+async fn run_steps(client: Option<&Client>, steps: &[Step]) -> Vec<String> {
+    let options = RunOptions::default();
+    let mut exec = Executor::new(client, None, &options, false);
+    match exec.run(steps, &mut || Ok(())).await {
+        Ok(()) => exec.warnings,
+        Err(failure) => {
+            let mut warnings = exec.warnings;
+            warnings.push(failure.error.to_string());
+            warnings
+        }
+    }
+}
+
+fn release(nodes: impl IntoIterator<Item = String>) -> Vec<Step> {
+    nodes
+        .into_iter()
+        .map(|node| Step::ReleaseNode { node })
+        .collect()
+}
+
+async fn recover_create(client: &Client, record: &mut Record, op: &Create) -> Result<String> {
+    if super::create::switched(client, op).await {
+        plan::create::apply(record, op);
         return Ok(format!(
             "completed the interrupted create of {}: QEMU already writes its overlays",
-            plan.name
+            op.name
         ));
     }
-    for d in &plan.disks {
-        for node in [&d.overlay_node, &d.file_node] {
-            let _ = client
-                .execute_raw("blockdev-del", json!({ "node-name": node }))
-                .await;
-        }
-    }
+    let nodes = op
+        .disks
+        .iter()
+        .flat_map(|d| [d.overlay_node.clone(), d.file_node.clone()]);
+    run_steps(Some(client), &release(nodes)).await;
     let after = graph::read(client).await?;
-    for d in &plan.disks {
-        if after.node_for(&d.overlay).is_none() && !record.layers.contains_key(&d.overlay) {
-            let _ = std::fs::remove_file(&d.overlay);
-        }
-    }
+    let files = op
+        .disks
+        .iter()
+        .filter(|d| after.node_for(&d.overlay).is_none() && !record.layers.contains_key(&d.overlay))
+        .map(|d| d.overlay.clone())
+        .collect();
+    run_steps(Some(client), &removals(files).collect::<Vec<_>>()).await;
     Ok(format!(
         "rolled back the interrupted create of {}: its transaction never happened",
-        plan.name
+        op.name
     ))
 }
 
-/// Whether every disk of an interrupted revert already has its new overlay.
 async fn recover_revert(
     client: Option<&Client>,
     record: &mut Record,
-    plan: &RevertPlan,
+    op: &Revert,
 ) -> Result<String> {
-    let recorded = plan.disks.iter().all(|d| {
+    let recorded = op.disks.iter().all(|d| {
         record
             .disks
             .get(&d.disk)
@@ -140,72 +143,60 @@ async fn recover_revert(
     if recorded && client.is_none() {
         return Ok(format!(
             "the interrupted revert to {} had switched the disks and is recorded; QEMU is not running: start it with `snapctl qemu-args`",
-            plan.snapshot
+            op.snapshot
         ));
     }
-    let live = crate::graph::read_if_running(client).await?;
+    let live = graph::read_if_running(client).await?;
     let active_of = |disk: &str| {
         live.as_ref()
             .and_then(|g| g.disks.get(disk))
             .and_then(|d| d.active())
             .map(|a| a.node.clone())
     };
-    let switched: Vec<bool> = plan
+    let switched: Vec<bool> = op
         .disks
         .iter()
-        .map(|d| plan.live && active_of(&d.disk).as_deref() == Some(d.overlay_node.as_str()))
+        .map(|d| op.live && active_of(&d.disk).as_deref() == Some(d.overlay_node.as_str()))
         .collect();
     if let (Some(c), true) = (client, switched.iter().any(|s| *s)) {
         // The switch had begun: finish it, then make sure the guest restarts
         // on the new disks (it only runs again after the reset).
-        for (d, done) in plan.disks.iter().zip(&switched) {
-            if !done {
-                c.execute_raw(
-                    "qom-set",
-                    json!({"path": format!("/machine/peripheral/{}", d.disk),
-                           "property": "drive", "value": d.overlay_node}),
-                )
-                .await?;
+        let mut steps: Vec<Step> = op
+            .disks
+            .iter()
+            .zip(&switched)
+            .filter(|(_, done)| !**done)
+            .map(|(d, _)| qom_set_drive(&d.disk, &d.overlay_node))
+            .collect();
+        if !super::vm_running(c).await? {
+            steps.push(Step::qmp("system_reset", Value::Null));
+            if !op.paused {
+                steps.push(Step::qmp("cont", Value::Null));
             }
         }
-        let status = c
-            .execute_raw("query-status", serde_json::Value::Null)
-            .await?;
-        if status.get("running").and_then(serde_json::Value::as_bool) != Some(true) {
-            c.execute_raw("system_reset", serde_json::Value::Null)
-                .await?;
-            if !plan.paused {
-                c.execute_raw("cont", serde_json::Value::Null).await?;
-            }
-        }
-        for d in &plan.disks {
-            crate::revert::delete_unused_nodes(c, &d.old_nodes).await;
-        }
-        let files = plan.apply(record);
-        let after = graph::read(c).await?;
-        crate::revert::remove_files(&files, Some(&after));
+        steps.extend(release(op.disks.iter().flat_map(|d| d.old_nodes.clone())));
+        let files = plan::revert::apply(record, op);
+        steps.extend(removals(files));
+        run_steps(client, &steps).await;
         return Ok(format!(
             "completed the interrupted revert to {}: QEMU already wrote to the new overlays",
-            plan.snapshot
+            op.snapshot
         ));
     }
     // Not switched (or QEMU is gone and the record's chain is what it will
     // restart on): undo what was prepared. Files that might hold data are kept.
-    let mut kept = Vec::new();
-    if let Some(c) = client {
-        for d in &plan.disks {
-            // The overlay's file is its inline child and goes with it.
-            let nodes =
-                std::iter::once(&d.overlay_node).chain(d.open.iter().rev().map(|l| &l.node));
-            for node in nodes {
-                let _ = c
-                    .execute_raw("blockdev-del", json!({ "node-name": node }))
-                    .await;
-            }
-        }
+    if client.is_some() {
+        // The overlay's file is its inline child and goes with it.
+        let nodes = op.disks.iter().flat_map(|d| {
+            std::iter::once(d.overlay_node.clone())
+                .chain(d.open.iter().rev().map(|l| l.node.clone()))
+        });
+        run_steps(client, &release(nodes)).await;
     }
-    let after = crate::graph::read_if_running(client).await?;
-    for d in &plan.disks {
+    let after = graph::read_if_running(client).await?;
+    let mut kept = Vec::new();
+    let mut stale = Vec::new();
+    for d in &op.disks {
         let in_use = after
             .as_ref()
             .is_some_and(|g| g.node_for(&d.overlay).is_some());
@@ -213,31 +204,29 @@ async fn recover_revert(
             continue;
         }
         if client.is_some() && !in_use {
-            let _ = std::fs::remove_file(&d.overlay);
+            stale.push(d.overlay.clone());
         } else {
             kept.push(d.overlay.display().to_string());
         }
     }
+    run_steps(client, &removals(stale).collect::<Vec<_>>()).await;
     let mut line = format!(
         "rolled back the interrupted revert to {}: the record keeps the state before it",
-        plan.snapshot
+        op.snapshot
     );
     if !kept.is_empty() {
         line.push_str(&format!("; kept {} (not in the record)", kept.join(", ")));
     }
-    if let Some(c) = client {
-        let status = c
-            .execute_raw("query-status", serde_json::Value::Null)
-            .await?;
-        if status.get("running").and_then(serde_json::Value::as_bool) != Some(true) {
-            line.push_str("; the VM is paused: `cont` it if it should run");
-        }
+    if let Some(c) = client
+        && !super::vm_running(c).await?
+    {
+        line.push_str("; the VM is paused: `cont` it if it should run");
     }
     Ok(line)
 }
 
-/// Cancels and dismisses the jobs an interrupted run left; returns whether
-/// any of them had been finalized (its graph change is then in place).
+/// Cancels and dismisses the jobs an interrupted run left (a job already
+/// finalized has its graph change in place; it is only dismissed).
 async fn settle_jobs(client: &Client, ids: &[&str]) -> Result<()> {
     for job in client.query_jobs().await? {
         if !ids.contains(&job.id.as_str()) {
@@ -255,8 +244,8 @@ async fn settle_jobs(client: &Client, ids: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Whether `top` has left the chain and `base` is still in it (a commit of
-/// `top` into `base` happened), judging by QEMU's graph or the headers.
+/// Whether `gone` has left `disk`'s chain (a merge of it happened), judging
+/// by QEMU's graph or the headers.
 fn merged_away(live: Option<&LiveGraph>, disk: &str, gone: &Path, record: &Record) -> Result<bool> {
     match live.and_then(|g| g.disks.get(disk)) {
         Some(d) => Ok(!d.chain.iter().any(|l| l.filename == gone)),
@@ -275,10 +264,10 @@ fn merged_away(live: Option<&LiveGraph>, disk: &str, gone: &Path, record: &Recor
 async fn recover_delete(
     client: Option<&Client>,
     record: &mut Record,
-    plan: &DeletePlan,
+    op: &Delete,
 ) -> Result<String> {
     if let Some(c) = client {
-        let ids: Vec<&str> = plan
+        let ids: Vec<&str> = op
             .disks
             .iter()
             .filter_map(|d| d.job.as_ref())
@@ -286,53 +275,50 @@ async fn recover_delete(
             .collect();
         settle_jobs(c, &ids).await?;
     }
-    let live = crate::graph::read_if_running(client).await?;
+    let live = graph::read_if_running(client).await?;
     let mut done = Vec::new();
-    for d in &plan.disks {
+    for d in &op.disks {
         let gone = match &d.merge {
-            Merge::Commit { top, .. } => top,
-            Merge::Stream { from, .. } => from,
-            Merge::Drop | Merge::Keep { .. } => continue,
+            Boundary::Commit { top, .. } => top,
+            Boundary::Stream { from, .. } => from,
+            Boundary::Drop | Boundary::Keep { .. } => continue,
         };
         if merged_away(live.as_ref(), &d.disk, gone, record)? {
             done.push(d.clone());
         }
     }
-    let finished = DeletePlan {
-        snapshot: plan.snapshot.clone(),
+    let finished = Delete {
+        snapshot: op.snapshot.clone(),
         disks: done,
     };
     let merged = finished.disks.len();
-    let files = crate::delete::apply(record, &finished);
-    if let Some(c) = client {
-        let stale: Vec<String> = finished
-            .disks
-            .iter()
-            .filter_map(|d| d.job.as_ref())
-            .flat_map(|j| j.stale_nodes.clone())
-            .collect();
-        crate::revert::delete_unused_nodes(c, &stale).await;
-    }
-    let after = crate::graph::read_if_running(client).await?;
-    crate::revert::remove_files(&files, after.as_ref());
+    let files = plan::delete::apply(record, &finished);
+    let stale = finished
+        .disks
+        .iter()
+        .filter_map(|d| d.job.as_ref())
+        .flat_map(|j| j.stale_nodes.clone());
+    let mut steps = if client.is_some() {
+        release(stale)
+    } else {
+        Vec::new()
+    };
+    steps.extend(removals(files));
+    run_steps(client, &steps).await;
     Ok(format!(
         "finished the interrupted delete of {}: {merged} of its merges had happened and are recorded; the snapshot is removed (a merge cut short may have written into its frozen image)",
-        plan.snapshot
+        op.snapshot
     ))
 }
 
-async fn recover_raw(
-    client: Option<&Client>,
-    record: &mut Record,
-    plan: &RawPlan,
-) -> Result<String> {
-    if let (Some(c), Some(job)) = (client, &plan.job) {
+async fn recover_merge(client: Option<&Client>, record: &mut Record, op: &Merge) -> Result<String> {
+    if let (Some(c), Some(job)) = (client, &op.job) {
         settle_jobs(c, &[job.id.as_str()]).await?;
     }
-    let live = crate::graph::read_if_running(client).await?;
-    let (gone, commit) = match &plan.merge {
-        RawMerge::Commit { top, .. } => (top.clone(), true),
-        RawMerge::Pull { active, .. } => {
+    let live = graph::read_if_running(client).await?;
+    let (gone, commit) = match &op.merge {
+        MergeKind::Commit { top, .. } => (top.clone(), true),
+        MergeKind::Pull { active, .. } => {
             // The layer right below the active image before the pull.
             let below = record.layers.get(active).and_then(|l| l.backing.clone());
             match below {
@@ -341,31 +327,31 @@ async fn recover_raw(
             }
         }
     };
-    if merged_away(live.as_ref(), &plan.disk, &gone, record)? {
-        let files = plan.apply(record);
-        crate::revert::remove_files(&files, live.as_ref());
+    if merged_away(live.as_ref(), &op.disk, &gone, record)? {
+        let files = plan::merge::apply(record, op);
+        run_steps(client, &removals(files).collect::<Vec<_>>()).await;
         return Ok(format!(
             "completed the interrupted {} on {}",
             if commit { "commit" } else { "pull" },
-            plan.disk
+            op.disk
         ));
     }
     if commit {
-        for name in &plan.removed_snapshots {
-            crate::delete::remove_snapshot(record, name);
+        for name in &op.removed_snapshots {
+            record.remove_snapshot(name);
         }
         return Ok(format!(
             "the interrupted commit on {} did not finish: the chain is unchanged; {} removed (the commit may have written into their images)",
-            plan.disk,
-            if plan.removed_snapshots.is_empty() {
+            op.disk,
+            if op.removed_snapshots.is_empty() {
                 "no snapshot".to_owned()
             } else {
-                plan.removed_snapshots.join(", ")
+                op.removed_snapshots.join(", ")
             }
         ));
     }
     Ok(format!(
         "the interrupted pull on {} did not finish: the chain is unchanged",
-        plan.disk
+        op.disk
     ))
 }

@@ -1,0 +1,200 @@
+//! Planning `revert`: make a snapshot's state current again.
+//!
+//! A snapshot's frozen image is never written: reverting puts a fresh overlay
+//! on it and makes that the active image. With QEMU running (QEMU-NOTES §3.3b):
+//! `stop`, write the overlay's header, open it with the frozen image's node as
+//! backing (opening that image's chain read-only first when it belongs to a
+//! branch that is not open), switch the device with `qom-set … drive`, record
+//! the switch, release the abandoned nodes, `system_reset` (the guest's caches
+//! describe the old disk, so it must reboot), `cont` unless asked to stay
+//! paused. With QEMU stopped: write the overlay and record it. Either way,
+//! owned files that no snapshot and no chain needs any more are removed
+//! afterwards; foreign files never are.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::{
+    Facts, NodeNames, Plan, Step, layer_blockdev, overlay_blockdev, qom_set_drive, removals,
+};
+use crate::error::{Error, Result};
+use crate::names;
+use crate::operation::{DiskRevert, OpenLayer, Operation, Revert};
+use crate::record::Record;
+
+/// The steps of a planned revert; `record` is the record it starts from.
+pub fn steps(record: &Record, revert: &Revert) -> Vec<Step> {
+    let create = |d: &DiskRevert| Step::CreateOverlay {
+        path: d.overlay.clone(),
+        backing: d.frozen.display().to_string(),
+        backing_format: d.frozen_format.clone(),
+        size: d.virtual_size,
+    };
+    let mut steps = Vec::new();
+    if revert.live {
+        steps.push(Step::qmp("stop", Value::Null));
+        for d in &revert.disks {
+            steps.push(create(d));
+            for l in &d.open {
+                steps.push(Step::qmp(
+                    "blockdev-add",
+                    layer_blockdev(&l.path, &l.format, &l.node, l.backing_node.as_deref()),
+                ));
+            }
+            steps.push(Step::qmp(
+                "blockdev-add",
+                overlay_blockdev(
+                    &d.overlay_node,
+                    &d.file_node,
+                    &d.overlay,
+                    d.backing_node.as_deref(),
+                ),
+            ));
+        }
+        steps.extend(
+            revert
+                .disks
+                .iter()
+                .map(|d| qom_set_drive(&d.disk, &d.overlay_node)),
+        );
+    } else {
+        steps.extend(revert.disks.iter().map(create));
+    }
+    steps.push(Step::Record {
+        change: format!("current snapshot is {}", revert.snapshot),
+    });
+    if revert.live {
+        steps.extend(
+            revert
+                .disks
+                .iter()
+                .flat_map(|d| &d.old_nodes)
+                .map(|node| Step::ReleaseNode { node: node.clone() }),
+        );
+        steps.push(Step::qmp("system_reset", Value::Null));
+        if !revert.paused {
+            steps.push(Step::qmp("cont", Value::Null));
+        }
+    }
+    let mut after = record.clone();
+    steps.extend(removals(apply(&mut after, revert)));
+    steps
+}
+
+/// The record after the revert. Returns the owned files nothing needs any
+/// more (to delete once QEMU has let go of them); their layers are dropped.
+pub fn apply(record: &mut Record, revert: &Revert) -> Vec<std::path::PathBuf> {
+    for d in &revert.disks {
+        record.add_overlay(&d.disk, &d.overlay, &d.frozen, d.virtual_size);
+    }
+    record.current = Some(revert.snapshot.clone());
+    record.prune()
+}
+
+/// Plans a revert to `name`; live when `facts.live` is QEMU's graph. With
+/// `paused`, a live revert leaves the guest paused.
+pub fn plan(record: &Record, facts: &Facts<'_>, name: &str, paused: bool) -> Result<Plan> {
+    let snapshot = record
+        .snapshot(name)
+        .ok_or_else(|| Error::UnknownSnapshot {
+            vm: record.vm.clone(),
+            name: name.to_owned(),
+        })?;
+    let mut nodes = NodeNames::taken_in(facts.live);
+    let mut disks = Vec::new();
+    for (disk, sd) in &snapshot.disks {
+        let layer = record.layers.get(&sd.image).ok_or_else(|| {
+            Error::Drift(format!(
+                "snapshot {name} names {} for {disk}, which the record does not know",
+                sd.image.display()
+            ))
+        })?;
+        let virtual_size = layer
+            .virtual_size
+            .or_else(|| facts.host.virtual_size(&sd.image))
+            .ok_or_else(|| {
+                Error::Drift(format!(
+                    "the size of {} cannot be read: run snapctl check",
+                    sd.image.display()
+                ))
+            })?;
+        let dir = sd.image.parent().unwrap_or(Path::new("/"));
+        let overlay = (1u32..)
+            .map(|n| dir.join(names::overlay_file_name(disk, &format!("{name}-r{n}"))))
+            .find(|p| !facts.host.exists(p))
+            .expect("an unused file name exists");
+        let overlay_node = nodes.fresh("sr", disk, name);
+        let file_node = nodes.fresh("sf", disk, name);
+
+        let (mut backing_node, mut open, mut old_nodes) = (None, Vec::new(), Vec::new());
+        if let Some(graph) = facts.live {
+            let device = graph.disks.get(disk).ok_or_else(|| {
+                Error::Drift(format!(
+                    "QEMU has no disk {disk}, which snapshot {name} covers"
+                ))
+            })?;
+            if let Some(active) = device.active()
+                && active.virtual_size != virtual_size
+            {
+                return Err(Error::Drift(format!(
+                    "{disk} is {} bytes in QEMU but {} in snapshot {name}: refusing to switch",
+                    active.virtual_size, virtual_size
+                )));
+            }
+            // Walk down from the frozen image to the first layer QEMU has open;
+            // the layers above it are opened read-only, bottom-up.
+            let target_chain = record.chain_from(&sd.image);
+            let mut missing = Vec::new();
+            for path in &target_chain {
+                if let Some(live) = graph.node_for(path) {
+                    backing_node = Some(live.node.clone());
+                    break;
+                }
+                missing.push(path.to_path_buf());
+            }
+            for path in missing.iter().rev() {
+                let node = nodes.fresh("so", disk, &path.to_string_lossy());
+                open.push(OpenLayer {
+                    path: path.clone(),
+                    format: record.format_of(path).to_owned(),
+                    node: node.clone(),
+                    backing_node: backing_node.clone(),
+                });
+                backing_node = Some(node);
+            }
+            // The old chain's nodes the new one does not stand on. Nodes QEMU
+            // named itself (`#blockNNN`) belong to their parents and go with them.
+            old_nodes = device
+                .chain
+                .iter()
+                .filter(|l| !target_chain.contains(&l.filename.as_path()))
+                .flat_map(|l| std::iter::once(&l.node).chain(l.file_node.as_ref()))
+                .filter(|n| !n.starts_with('#'))
+                .cloned()
+                .collect();
+        }
+        disks.push(DiskRevert {
+            disk: disk.clone(),
+            frozen: sd.image.clone(),
+            frozen_format: layer.format.clone(),
+            virtual_size,
+            overlay,
+            overlay_node,
+            file_node,
+            backing_node,
+            open,
+            old_nodes,
+        });
+    }
+    let revert = Revert {
+        snapshot: name.to_owned(),
+        live: facts.live.is_some(),
+        paused,
+        disks,
+    };
+    Ok(Plan {
+        steps: steps(record, &revert),
+        operation: Operation::Revert(revert),
+    })
+}

@@ -1,0 +1,523 @@
+//! Running plans against a VM.
+//!
+//! [`Session`] is the library's entry point: it holds what every command
+//! needs (the VM's lock and record, the QMP connection when QEMU runs, the
+//! facts a planner reads), plans operations and runs them. A Rust program (a
+//! CI harness, say) drives a VM through it without the CLI:
+//!
+//! ```no_run
+//! # async fn demo() -> snapctl::Result<()> {
+//! use snapctl::{CreateOptions, RunOptions, Session, SessionOptions, Store};
+//! let store = Store::open("/var/lib/snapctl".as_ref())?;
+//! let mut vm = Session::open(&store, "ci1", &SessionOptions::socket("/run/ci1.qmp")).await?;
+//! vm.create(&CreateOptions::named("golden"), &RunOptions::default()).await?;
+//! // … the test changes the disks …
+//! vm.revert("golden", &RunOptions::default()).await?;
+//! vm.delete("golden", &RunOptions::default()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! One executor ([`exec`]) carries out every plan's steps; [`jobs`] drives
+//! the merge jobs among them. The per-operation modules only say what a
+//! failure means for their operation (what to undo, what the record keeps);
+//! [`recover`] finishes or undoes an operation a crash interrupted.
+
+mod create;
+mod delete;
+mod exec;
+pub mod jobs;
+mod merge;
+pub mod recover;
+mod revert;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use qmp_client::{Client, GuestAgent};
+use serde_json::Value;
+
+pub use self::jobs::{Progress, ProgressFn};
+use crate::error::{Error, Result};
+use crate::graph::{self, LiveGraph};
+use crate::operation::Operation;
+use crate::plan::{self, DirState, Facts, Host, Plan};
+use crate::record::Record;
+use crate::store::{Store, VmLock};
+
+/// Set when the user asked to stop (SIGINT/SIGTERM). Operations check it at
+/// points where stopping leaves a consistent state.
+#[derive(Debug, Clone, Default)]
+pub struct Interrupt(Arc<AtomicBool>);
+
+impl Interrupt {
+    pub fn new() -> Interrupt {
+        Interrupt::default()
+    }
+
+    /// Marks the operation as interrupted.
+    pub fn raise(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// `Err(Error::Interrupted)` once raised.
+    pub fn check(&self) -> Result<()> {
+        if self.is_raised() {
+            Err(Error::Interrupted)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// How to run a plan.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Give up on a merge job (an active commit that cannot converge under
+    /// heavy guest writes, say) after this long: it is cancelled cleanly.
+    pub timeout: Option<Duration>,
+    /// Raised on SIGINT/SIGTERM: the operation stops at its next safe point.
+    pub interrupt: Interrupt,
+    /// Receives merge jobs' progress.
+    pub progress: Option<ProgressFn>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a finished operation leaves to say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Things the user should know (a thaw that failed, a file kept open).
+    pub warnings: Vec<String>,
+    /// The owned files removed because nothing needed them any more.
+    pub removed_files: Vec<PathBuf>,
+}
+
+/// How to reach a VM's QEMU.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// The QMP socket; the record's when `None`. Remembered in the record.
+    pub socket: Option<PathBuf>,
+    /// The guest agent's socket (for quiesced snapshots); remembered too.
+    pub qga: Option<PathBuf>,
+    /// How long to wait for another snapctl working on the same VM.
+    pub lock_wait: Duration,
+    /// How long to wait for QEMU to answer one command.
+    pub command_timeout: Duration,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            socket: None,
+            qga: None,
+            lock_wait: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SessionOptions {
+    /// Options for the VM whose QMP socket is `path`.
+    pub fn socket(path: impl Into<PathBuf>) -> SessionOptions {
+        SessionOptions {
+            socket: Some(path.into()),
+            ..SessionOptions::default()
+        }
+    }
+}
+
+/// The files on this host, as planners see them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostFiles;
+
+impl Host for HostFiles {
+    fn exists(&self, path: &Path) -> bool {
+        path.symlink_metadata().is_ok()
+    }
+
+    fn dir_state(&self, dir: &Path) -> DirState {
+        match dir.metadata() {
+            Ok(m) if !m.is_dir() => DirState::NotADirectory,
+            Ok(_) if nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_err() => {
+                DirState::ReadOnly
+            }
+            Ok(_) => DirState::Writable,
+            Err(_) => DirState::Missing,
+        }
+    }
+
+    fn allocated(&self, path: &Path) -> Option<u64> {
+        std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+    }
+
+    fn virtual_size(&self, path: &Path) -> Option<u64> {
+        crate::images::info(path).ok().map(|i| i.virtual_size)
+    }
+}
+
+/// One VM, locked for this session: its record, its QEMU when it runs.
+#[derive(Debug)]
+pub struct Session {
+    lock: VmLock,
+    record: Record,
+    /// The record file as the session found it (`None`: there was none); a
+    /// failed first `create` puts it back.
+    before: Option<Record>,
+    client: Option<Client>,
+    socket: Option<PathBuf>,
+    qga: Option<PathBuf>,
+    live: Option<LiveGraph>,
+}
+
+impl Session {
+    /// Locks `vm` (waiting up to `options.lock_wait`), loads its record (a new
+    /// one for a VM not registered yet) and connects to its QEMU when that
+    /// runs. Nothing is written.
+    pub async fn open(store: &Store, vm: &str, options: &SessionOptions) -> Result<Session> {
+        let lock = store.lock(vm, options.lock_wait)?;
+        let before = lock.load()?;
+        let record = before.clone().unwrap_or_else(|| Record::new(vm));
+        let socket = options.socket.clone().or_else(|| record.qmp_socket.clone());
+        let client = match &socket {
+            Some(path) => connect_if_running(path, options.command_timeout).await?,
+            None => None,
+        };
+        let qga = options.qga.clone().or_else(|| record.qga_socket.clone());
+        Ok(Session {
+            lock,
+            record,
+            before,
+            client,
+            socket,
+            qga,
+            live: None,
+        })
+    }
+
+    /// The VM's record as this session holds it.
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// Whether the VM had a record when the session opened it.
+    pub fn is_registered(&self) -> bool {
+        self.before.is_some()
+    }
+
+    /// QEMU's monitor, when QEMU runs.
+    pub fn client(&self) -> Option<&Client> {
+        self.client.as_ref()
+    }
+
+    /// The client, or a clear error when QEMU does not run.
+    pub fn running_client(&self) -> Result<&Client> {
+        self.client.as_ref().ok_or_else(|| match &self.socket {
+            Some(s) => Error::Refused(format!(
+                "QEMU of vm {} is not running (nothing answers on {})",
+                self.record.vm,
+                s.display()
+            )),
+            None => Error::Refused(format!(
+                "no QMP socket known for vm {}: pass --socket PATH",
+                self.record.vm
+            )),
+        })
+    }
+
+    /// QEMU's live graph (read once, until an operation changes it).
+    pub async fn live(&mut self) -> Result<Option<&LiveGraph>> {
+        if self.live.is_none()
+            && let Some(c) = &self.client
+        {
+            self.live = Some(graph::read(c).await?);
+        }
+        Ok(self.live.as_ref())
+    }
+
+    /// Finishes or undoes what an interrupted run left in the journal;
+    /// returns one line per entry resolved. Fails while an entry stays
+    /// unresolved (`snapctl check --repair` says why).
+    pub async fn settle(&mut self) -> Result<Vec<String>> {
+        if self.record.journal.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lines = recover::recover(self.client.as_ref(), &self.lock, &mut self.record).await?;
+        self.live = None;
+        if let Some(entry) = self.record.journal.first() {
+            return Err(Error::Refused(format!(
+                "an interrupted {} (pid {}) left unfinished work: run snapctl check --repair",
+                entry.operation.name(),
+                entry.pid
+            )));
+        }
+        Ok(lines)
+    }
+
+    /// Like [`Session::settle`], but reports instead of failing (`check --repair`).
+    pub async fn repair_journal(&mut self) -> Result<Vec<String>> {
+        let lines = recover::recover(self.client.as_ref(), &self.lock, &mut self.record).await?;
+        self.live = None;
+        Ok(lines)
+    }
+
+    /// Adds the live disks the record does not know (their device drivers
+    /// read through QOM) and remembers the sockets, in memory; returns the
+    /// disks added. Saved by [`Session::save`] or with the next operation.
+    pub async fn register(&mut self) -> Result<Vec<String>> {
+        let client = self.running_client()?.clone();
+        let live = match self.live().await? {
+            Some(g) => g.clone(),
+            None => return Ok(Vec::new()),
+        };
+        let mut added = Vec::new();
+        for disk in live.disks.values().filter(|d| d.snapshottable()) {
+            if !self.record.disks.contains_key(&disk.id) {
+                let driver = graph::device_driver(&client, &disk.id).await?;
+                self.record.register_disk(disk, &driver);
+                added.push(disk.id.clone());
+            }
+        }
+        if let Some(socket) = &self.socket {
+            self.record.qmp_socket = Some(absolute(socket)?);
+        }
+        if let Some(qga) = &self.qga {
+            self.record.qga_socket = Some(absolute(qga)?);
+        }
+        Ok(added)
+    }
+
+    /// Saves the record as the session holds it.
+    pub fn save(&mut self) -> Result<()> {
+        self.lock.save(&self.record)
+    }
+
+    /// Changes the record in memory (`check --repair` adopting what QEMU shows);
+    /// saved by [`Session::save`].
+    pub fn record_mut(&mut self) -> &mut Record {
+        &mut self.record
+    }
+
+    async fn facts<'h>(&'h mut self, host: &'h dyn Host) -> Result<Facts<'h>> {
+        let running = match &self.client {
+            Some(c) => Some(vm_running(c).await?),
+            None => None,
+        };
+        Ok(Facts {
+            live: self.live().await?,
+            running,
+            now: jiff::Timestamp::now(),
+            host,
+        })
+    }
+
+    /// Plans `create` (registering the VM's disks first, in memory).
+    pub async fn plan_create(&mut self, opts: &plan::create::CreateOptions) -> Result<Plan> {
+        crate::names::validate_snapshot_name(&opts.name)?;
+        self.running_client()?;
+        self.register().await?;
+        let record = self.record.clone();
+        let facts = self.facts(&HostFiles).await?;
+        plan::create::plan(&record, &facts, opts)
+    }
+
+    /// Plans a revert to `name`; with `paused` a live revert leaves the guest paused.
+    pub async fn plan_revert(&mut self, name: &str, paused: bool) -> Result<Plan> {
+        let record = self.record.clone();
+        let facts = self.facts(&HostFiles).await?;
+        plan::revert::plan(&record, &facts, name, paused)
+    }
+
+    /// Plans deleting `name` (only the name with `metadata_only`).
+    pub async fn plan_delete(
+        &mut self,
+        name: &str,
+        metadata_only: bool,
+        bandwidth: u64,
+    ) -> Result<Plan> {
+        let record = self.record.clone();
+        let facts = self.facts(&HostFiles).await?;
+        plan::delete::plan(&record, &facts, name, metadata_only, bandwidth)
+    }
+
+    /// Plans `commit DISK [--top T] [--base B]`.
+    pub async fn plan_commit(
+        &mut self,
+        disk: &str,
+        top: Option<&str>,
+        base: Option<&str>,
+        bandwidth: u64,
+    ) -> Result<Plan> {
+        let record = self.record.clone();
+        let facts = self.facts(&HostFiles).await?;
+        plan::merge::plan_commit(&record, &facts, disk, top, base, bandwidth)
+    }
+
+    /// Plans `pull DISK [--base B]`.
+    pub async fn plan_pull(
+        &mut self,
+        disk: &str,
+        base: Option<&str>,
+        bandwidth: u64,
+    ) -> Result<Plan> {
+        let record = self.record.clone();
+        let facts = self.facts(&HostFiles).await?;
+        plan::merge::plan_pull(&record, &facts, disk, base, bandwidth)
+    }
+
+    /// Runs a plan made by this session. The record is updated (and saved) as
+    /// the plan's record step says; on failure it says what is left.
+    pub async fn run(&mut self, plan: &Plan, options: &RunOptions) -> Result<Outcome> {
+        // A job changes the chain under a revert or a merge; a snapshot of
+        // other disks may go ahead (QEMU refuses one of a busy node itself).
+        if let Some(c) = &self.client
+            && !matches!(plan.operation, Operation::Create(_))
+        {
+            refuse_running_jobs(c).await?;
+        }
+        let was_running = match &self.client {
+            Some(c) => vm_running(c).await?,
+            None => false,
+        };
+        let mut agent = match &plan.operation {
+            Operation::Create(c) if c.quiesce => Some(self.connect_agent().await?),
+            _ => None,
+        };
+        let ctx = Context {
+            client: self.client.as_ref(),
+            lock: &self.lock,
+            record: &mut self.record,
+            options,
+            was_running,
+        };
+        let result = match &plan.operation {
+            Operation::Create(op) => create::run(ctx, op, &plan.steps, agent.as_mut()).await,
+            Operation::Revert(op) => revert::run(ctx, op, &plan.steps).await,
+            Operation::Delete(op) => delete::run(ctx, op, &plan.steps).await,
+            Operation::Commit(op) | Operation::Pull(op) => {
+                merge::run(ctx, op, &plan.operation, &plan.steps).await
+            }
+            Operation::Unreadable { op, .. } => Err(Error::Refused(format!(
+                "cannot run an unreadable {op} plan"
+            ))),
+        };
+        self.live = None;
+        if result.is_err() && matches!(plan.operation, Operation::Create(_)) {
+            // Nothing was changed in QEMU or on disk: neither is the record,
+            // not even the registration this create would have added.
+            self.lock.restore(self.before.as_ref())?;
+            if let Some(before) = &self.before {
+                self.record = before.clone();
+            }
+        }
+        result
+    }
+
+    async fn connect_agent(&self) -> Result<GuestAgent> {
+        let path = self.qga.as_ref().ok_or_else(|| {
+            Error::GuestAgent("--quiesce needs the guest agent socket: pass --qga PATH".into())
+        })?;
+        GuestAgent::connect(path, Duration::from_secs(5))
+            .await
+            .map_err(|e| {
+                Error::GuestAgent(format!(
+                    "--quiesce: the guest agent at {} does not answer ({e})",
+                    path.display()
+                ))
+            })
+    }
+
+    /// Takes snapshot `opts.name` of every chosen disk.
+    pub async fn create(
+        &mut self,
+        opts: &plan::create::CreateOptions,
+        options: &RunOptions,
+    ) -> Result<Outcome> {
+        let plan = self.plan_create(opts).await?;
+        self.run(&plan, options).await
+    }
+
+    /// Reverts to snapshot `name` (the guest continues afterwards).
+    pub async fn revert(&mut self, name: &str, options: &RunOptions) -> Result<Outcome> {
+        let plan = self.plan_revert(name, false).await?;
+        self.run(&plan, options).await
+    }
+
+    /// Deletes snapshot `name`, merging its layers away where that is safe.
+    pub async fn delete(&mut self, name: &str, options: &RunOptions) -> Result<Outcome> {
+        let plan = self.plan_delete(name, false, 0).await?;
+        self.run(&plan, options).await
+    }
+}
+
+/// What every operation's runner works with.
+pub(crate) struct Context<'a> {
+    pub client: Option<&'a Client>,
+    pub lock: &'a VmLock,
+    pub record: &'a mut Record,
+    pub options: &'a RunOptions,
+    pub was_running: bool,
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(|e| Error::io("resolve", path, e))
+}
+
+/// Connects when QEMU runs; `None` when the socket is absent or refuses
+/// (QEMU stopped). A busy or non-QMP socket is an error.
+pub async fn connect_if_running(
+    socket: &Path,
+    command_timeout: Duration,
+) -> Result<Option<Client>> {
+    let connected = qmp_client::Config::new()
+        .connect_timeout(Duration::from_secs(5))
+        .greeting_timeout(Duration::from_secs(5))
+        .command_timeout(Some(command_timeout))
+        .connect_unix(socket)
+        .await;
+    match connected {
+        Ok((client, connection)) => {
+            tokio::spawn(connection);
+            Ok(Some(client))
+        }
+        Err(qmp_client::Error::Connect { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether the guest's CPUs run.
+async fn vm_running(client: &Client) -> Result<bool> {
+    let status = client.execute_raw("query-status", Value::Null).await?;
+    Ok(status.get("running").and_then(Value::as_bool) == Some(true))
+}
+
+/// Refuses when QEMU runs a job: the chain may be changing under us.
+async fn refuse_running_jobs(client: &Client) -> Result<()> {
+    let jobs = client.query_jobs().await?;
+    if let Some(job) = jobs.iter().find(|j| !j.status.is_finished()) {
+        return Err(Error::Refused(format!(
+            "QEMU runs job {} ({}, {}): wait for it or cancel it first",
+            job.id, job.kind, job.status
+        )));
+    }
+    Ok(())
+}
