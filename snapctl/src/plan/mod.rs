@@ -130,7 +130,7 @@ pub struct Plan {
 /// What a planner may ask about files, answered by the host (or by a test).
 /// Planners read nothing themselves; everything they need to know about the
 /// world outside the record and QEMU's graph comes through here.
-pub trait Host {
+pub trait Host: Sync {
     /// Whether anything (a symlink included) is at `path`.
     fn exists(&self, path: &Path) -> bool;
     /// Whether `dir` is a directory snapctl can create files in.

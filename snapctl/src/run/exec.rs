@@ -108,7 +108,7 @@ impl<'a> Executor<'a> {
     pub async fn run(
         &mut self,
         steps: &[Step],
-        record: &mut dyn FnMut() -> Result<()>,
+        record: &mut (dyn FnMut() -> Result<()> + Send),
     ) -> std::result::Result<(), Failure> {
         let mut i = 0;
         while i < steps.len() {
@@ -177,7 +177,11 @@ impl<'a> Executor<'a> {
             .ok_or_else(|| Error::Refused("this step needs QEMU running, and it is not".into()))
     }
 
-    async fn step(&mut self, step: &Step, record: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+    async fn step(
+        &mut self,
+        step: &Step,
+        record: &mut (dyn FnMut() -> Result<()> + Send),
+    ) -> Result<()> {
         if !self.switched {
             self.interrupt().check()?;
         }
