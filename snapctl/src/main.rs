@@ -116,13 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Show { name } => {
             let record = registered(&store, &vm)?;
-            let snapshot =
-                record
-                    .snapshot(name)
-                    .ok_or_else(|| snapctl::Error::UnknownSnapshot {
-                        vm: vm.clone(),
-                        name: name.clone(),
-                    })?;
+            let snapshot = record.snapshot_named(name)?;
             output::show(&record, snapshot, g.json)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -162,13 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 vec![name.clone()]
             };
-            if session.record().snapshot(name).is_none() {
-                return Err(snapctl::Error::UnknownSnapshot {
-                    vm: vm.clone(),
-                    name: name.clone(),
-                }
-                .into());
-            }
+            session.record().snapshot_named(name)?;
             settle(&mut session, *dry_run).await?;
             let bandwidth = bandwidth.unwrap_or(0);
             if *dry_run {

@@ -194,6 +194,14 @@ struct Switched<'a> {
     overlay: &'a Path,
 }
 
+fn switched<'a>(
+    disks: impl Iterator<Item = (&'a String, &'a PathBuf, &'a PathBuf)>,
+) -> BTreeMap<&'a str, Switched<'a>> {
+    disks
+        .map(|(disk, image, overlay)| (disk.as_str(), Switched { image, overlay }))
+        .collect()
+}
+
 /// `create --json`.
 #[derive(Serialize)]
 struct Created<'a> {
@@ -210,19 +218,7 @@ pub fn created(op: &Create, outcome: &Outcome, as_json: bool) -> io::Result<()> 
             snapshot: &op.name,
             parent: op.parent.as_deref(),
             quiesced: op.quiesce,
-            disks: op
-                .disks
-                .iter()
-                .map(|d| {
-                    (
-                        d.disk.as_str(),
-                        Switched {
-                            image: &d.frozen,
-                            overlay: &d.overlay,
-                        },
-                    )
-                })
-                .collect(),
+            disks: switched(op.disks.iter().map(|d| (&d.disk, &d.frozen, &d.overlay))),
             warnings: &outcome.warnings,
         });
     }
@@ -354,19 +350,7 @@ pub fn reverted(
             snapshot: &op.snapshot,
             live: op.live,
             paused: op.live && op.paused,
-            disks: op
-                .disks
-                .iter()
-                .map(|d| {
-                    (
-                        d.disk.as_str(),
-                        Switched {
-                            image: &d.frozen,
-                            overlay: &d.overlay,
-                        },
-                    )
-                })
-                .collect(),
+            disks: switched(op.disks.iter().map(|d| (&d.disk, &d.frozen, &d.overlay))),
             qemu_args,
             removed_files: &outcome.removed_files,
             warnings: &outcome.warnings,

@@ -449,6 +449,14 @@ impl Record {
         self.snapshots.iter().find(|s| s.name == name)
     }
 
+    /// The snapshot named `name`, or [`Error::UnknownSnapshot`].
+    pub fn snapshot_named(&self, name: &str) -> Result<&Snapshot> {
+        self.snapshot(name).ok_or_else(|| Error::UnknownSnapshot {
+            vm: self.vm.clone(),
+            name: name.to_owned(),
+        })
+    }
+
     /// The snapshots whose parent is `name`, in creation order: the branches taken from
     /// it.
     pub fn children(&self, name: &str) -> Vec<&Snapshot> {

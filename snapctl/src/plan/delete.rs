@@ -40,12 +40,7 @@ pub fn plan(
     metadata_only: bool,
     bandwidth: u64,
 ) -> Result<Plan> {
-    let snapshot = record
-        .snapshot(name)
-        .ok_or_else(|| Error::UnknownSnapshot {
-            vm: record.vm.clone(),
-            name: name.to_owned(),
-        })?;
+    let snapshot = record.snapshot_named(name)?;
     let mut disks = Vec::new();
     for (disk, sd) in &snapshot.disks {
         let merge = if metadata_only {

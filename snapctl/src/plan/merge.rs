@@ -31,12 +31,7 @@ use crate::operation::{Merge, MergeKind, Operation};
 use crate::record::Record;
 
 fn layer_of(record: &Record, disk: &str, snapshot: &str) -> Result<PathBuf> {
-    let s = record
-        .snapshot(snapshot)
-        .ok_or_else(|| Error::UnknownSnapshot {
-            vm: record.vm.clone(),
-            name: snapshot.to_owned(),
-        })?;
+    let s = record.snapshot_named(snapshot)?;
     s.disks
         .get(disk)
         .map(|d| d.image.clone())

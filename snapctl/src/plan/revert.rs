@@ -95,12 +95,7 @@ pub fn apply(record: &mut Record, revert: &Revert) -> Vec<std::path::PathBuf> {
 /// Plans a revert to `name`; live when `facts.live` is QEMU's graph. With
 /// `paused`, a live revert leaves the guest paused.
 pub fn plan(record: &Record, facts: &Facts<'_>, name: &str, paused: bool) -> Result<Plan> {
-    let snapshot = record
-        .snapshot(name)
-        .ok_or_else(|| Error::UnknownSnapshot {
-            vm: record.vm.clone(),
-            name: name.to_owned(),
-        })?;
+    let snapshot = record.snapshot_named(name)?;
     let mut nodes = NodeNames::taken_in(facts.live);
     let mut disks = Vec::new();
     for (disk, sd) in &snapshot.disks {

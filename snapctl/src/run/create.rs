@@ -6,7 +6,6 @@
 
 use qmp_client::{Client, GuestAgent};
 
-use super::exec::Executor;
 use super::{Context, Outcome};
 use crate::error::Result;
 use crate::graph;
@@ -14,61 +13,35 @@ use crate::operation::{Create, Operation};
 use crate::plan::Step;
 use crate::plan::create::apply;
 
-pub(crate) async fn run(
-    ctx: Context<'_>,
+pub(crate) async fn run<'a>(
+    mut ctx: Context<'a>,
     op: &Create,
     steps: &[Step],
-    agent: Option<&mut GuestAgent>,
+    agent: Option<&'a mut GuestAgent>,
 ) -> Result<Outcome> {
     ctx.options.interrupt.check()?;
-    let Context {
-        client,
-        lock,
-        record,
-        options,
-        was_running,
-    } = ctx;
-    let journal = lock.begin(record, Operation::Create(op.clone()))?;
-    let mut exec = Executor::new(client, agent, options, was_running);
-    let result = exec
-        .run(steps, &mut || {
-            apply(record, op);
-            Ok(())
-        })
-        .await;
-    match result {
-        Ok(()) => {
-            lock.resolve(record, journal)?;
-            Ok(Outcome {
-                warnings: exec.warnings,
-                removed_files: exec.removed,
-            })
+    let operation = Operation::Create(op.clone());
+    let (mut begun, result) = ctx
+        .begin(operation, steps, agent, &|r| apply(r, op), false)
+        .await?;
+    let Err(failure) = result else {
+        return ctx.finish(begun);
+    };
+    // The transaction may have happened even though we saw an error
+    // (timeout after sending, connection lost): look before undoing.
+    let happened = match ctx.client {
+        Some(c) if failure.error.result_unknown() => switched(c, op).await,
+        _ => false,
+    };
+    if failure.switched || happened {
+        if !failure.recorded {
+            apply(ctx.record, op);
         }
-        Err(failure) => {
-            // The transaction may have happened even though we saw an error
-            // (timeout after sending, connection lost): look before undoing.
-            let unknown = failure.error.result_unknown();
-            let happened = match client {
-                Some(c) if unknown => switched(c, op).await,
-                _ => false,
-            };
-            if failure.switched || happened {
-                if !failure.recorded {
-                    apply(record, op);
-                }
-                lock.resolve(record, journal)?;
-                let mut warnings = exec.warnings;
-                warnings.push(failure.error.to_string());
-                return Ok(Outcome {
-                    warnings,
-                    removed_files: exec.removed,
-                });
-            }
-            exec.rollback().await;
-            lock.resolve(record, journal)?;
-            Err(failure.error)
-        }
+        begun.exec.warnings.push(failure.error.to_string());
+        return ctx.finish(begun);
     }
+    begun.exec.rollback().await;
+    ctx.abandon(&begun, failure.error)
 }
 
 /// Whether every disk of the create now has its overlay as root.

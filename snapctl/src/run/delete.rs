@@ -5,7 +5,6 @@
 //! snapshot's state, so the snapshot goes (the chain is unchanged and every
 //! other snapshot intact).
 
-use super::exec::Executor;
 use super::{Context, Outcome};
 use crate::error::{Error, Result};
 use crate::images;
@@ -13,14 +12,7 @@ use crate::operation::{Boundary, Delete, Operation};
 use crate::plan::Step;
 use crate::plan::delete::apply;
 
-pub(crate) async fn run(ctx: Context<'_>, op: &Delete, steps: &[Step]) -> Result<Outcome> {
-    let Context {
-        client,
-        lock,
-        record,
-        options,
-        was_running,
-    } = ctx;
+pub(crate) async fn run(mut ctx: Context<'_>, op: &Delete, steps: &[Step]) -> Result<Outcome> {
     // Offline merges write images: make sure no process holds them.
     for d in op.disks.iter().filter(|d| d.job.is_none()) {
         match &d.merge {
@@ -29,42 +21,21 @@ pub(crate) async fn run(ctx: Context<'_>, op: &Delete, steps: &[Step]) -> Result
             Boundary::Drop | Boundary::Keep { .. } => {}
         }
     }
-    let journal = lock.begin(record, Operation::Delete(op.clone()))?;
-    let mut exec = Executor::new(client, None, options, was_running);
-    let mut removed = Vec::new();
-    let result = exec
-        .run(steps, &mut || {
-            removed = apply(record, op);
-            Ok(())
-        })
-        .await;
+    let operation = Operation::Delete(op.clone());
+    let (mut begun, result) = ctx
+        .begin(operation, steps, None, &|r| drop(apply(r, op)), false)
+        .await?;
     let Err(failure) = result else {
-        lock.resolve(record, journal)?;
-        return Ok(Outcome {
-            warnings: exec.warnings,
-            removed_files: exec.removed,
-        });
+        return ctx.finish(begun);
     };
-    if failure.recorded {
-        // Only file removals follow the record step; they do not fail.
-        lock.resolve(record, journal)?;
-        return Err(failure.error);
+    if !ctx.stop(&mut begun, &failure).await {
+        return ctx.abandon(&begun, failure.error);
     }
-    let commit_started = failure.switched || exec.rollback().await;
-    if !commit_started {
-        lock.resolve(record, journal)?;
-        return Err(failure.error);
-    }
-    let metadata_only = Delete {
-        snapshot: op.snapshot.clone(),
-        disks: Vec::new(),
-    };
-    let files = apply(record, &metadata_only);
-    debug_assert!(files.is_empty(), "an unchanged chain frees no file");
-    lock.resolve(record, journal)?;
-    Err(Error::CutShort(format!(
+    ctx.record.remove_snapshot(&op.snapshot);
+    let error = Error::CutShort(format!(
         "{}: the merge was cancelled after it had started writing into the frozen image of {1}, so {1} is removed from the record (the chain is unchanged, every other snapshot is intact)",
         failure.error.stop_reason(),
         op.snapshot
-    )))
+    ));
+    ctx.abandon(&begun, error)
 }

@@ -471,6 +471,66 @@ pub(crate) struct Context<'a> {
     pub was_running: bool,
 }
 
+/// An operation begun: journaled, its steps carried out as far as they went.
+pub(crate) struct Begun<'a> {
+    pub exec: exec::Executor<'a>,
+    pub journal: u64,
+}
+
+impl<'a> Context<'a> {
+    /// Journals `operation`, then runs `steps`. At the record step `apply`
+    /// changes the record (saved then when `save_at_record`, otherwise with the
+    /// journal's resolution).
+    pub async fn begin(
+        &mut self,
+        operation: Operation,
+        steps: &[plan::Step],
+        agent: Option<&'a mut GuestAgent>,
+        apply: &(dyn Fn(&mut Record) + Sync),
+        save_at_record: bool,
+    ) -> Result<(Begun<'a>, std::result::Result<(), exec::Failure>)> {
+        let journal = self.lock.begin(self.record, operation)?;
+        let mut exec = exec::Executor::new(self.client, agent, self.options, self.was_running);
+        let (lock, record) = (self.lock, &mut *self.record);
+        let result = exec
+            .run(steps, &mut || {
+                apply(record);
+                if save_at_record {
+                    lock.save(record)?;
+                }
+                Ok(())
+            })
+            .await;
+        Ok((Begun { exec, journal }, result))
+    }
+
+    /// The operation is done: its journal entry goes, the record is saved.
+    pub fn finish(&mut self, begun: Begun<'_>) -> Result<Outcome> {
+        self.lock.resolve(self.record, begun.journal)?;
+        Ok(Outcome {
+            warnings: begun.exec.warnings,
+            removed_files: begun.exec.removed,
+        })
+    }
+
+    /// The operation stopped: undoes what its steps did unless they had
+    /// switched something or recorded the result. Returns whether a commit
+    /// job had begun writing into its base (the caller then says what that
+    /// destroyed).
+    pub async fn stop(&mut self, begun: &mut Begun<'_>, failure: &exec::Failure) -> bool {
+        if failure.recorded {
+            return false;
+        }
+        failure.switched || begun.exec.rollback().await
+    }
+
+    /// Resolves the journal entry of an operation that stopped, then fails with `error`.
+    pub fn abandon(&mut self, begun: &Begun<'_>, error: Error) -> Result<Outcome> {
+        self.lock.resolve(self.record, begun.journal)?;
+        Err(error)
+    }
+}
+
 fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).map_err(|e| Error::io("resolve", path, e))
 }

@@ -15,15 +15,8 @@ use crate::operation::{Operation, Revert};
 use crate::plan::Step;
 use crate::plan::revert::apply;
 
-pub(crate) async fn run(ctx: Context<'_>, op: &Revert, steps: &[Step]) -> Result<Outcome> {
-    let Context {
-        client,
-        lock,
-        record,
-        options,
-        was_running,
-    } = ctx;
-    if op.live != client.is_some() {
+pub(crate) async fn run(mut ctx: Context<'_>, op: &Revert, steps: &[Step]) -> Result<Outcome> {
+    if op.live != ctx.client.is_some() {
         return Err(Error::Drift(
             "QEMU started or stopped since the revert was planned: plan it again".into(),
         ));
@@ -31,58 +24,46 @@ pub(crate) async fn run(ctx: Context<'_>, op: &Revert, steps: &[Step]) -> Result
     if !op.live {
         // Offline, nothing may hold the chain being left.
         for d in &op.disks {
-            if let Some(disk) = record.disks.get(&d.disk) {
+            if let Some(disk) = ctx.record.disks.get(&d.disk) {
                 images::ensure_unlocked(&disk.active)?;
             }
         }
     }
-    options.interrupt.check()?;
-    let journal = lock.begin(record, Operation::Revert(op.clone()))?;
-    let mut exec = Executor::new(client, None, options, was_running);
-    let mut apply_and_save = || {
-        apply(record, op);
-        lock.save(record)
+    ctx.options.interrupt.check()?;
+    let operation = Operation::Revert(op.clone());
+    let (mut begun, result) = ctx
+        .begin(operation, steps, None, &|r| drop(apply(r, op)), true)
+        .await?;
+    let Err(failure) = result else {
+        return ctx.finish(begun);
     };
-    let result = exec.run(steps, &mut apply_and_save).await;
-    match result {
-        Ok(()) => {}
-        Err(failure) if !failure.switched => {
-            exec.rollback().await;
-            lock.resolve(record, journal)?;
-            return Err(failure.error);
-        }
-        // QEMU started with -no-reboot exits instead of resetting.
-        Err(failure)
-            if failure.recorded
-                && failure.error.qemu_gone()
-                && matches!(&failure.step, Step::Qmp { command, .. } if command == "system_reset" || command == "cont") =>
-        {
-            lock.resolve(record, journal)?;
-            let mut warnings = vec![
-                "QEMU exited at the guest reset (was it started with -no-reboot?): the disks \
-                 are reverted; start QEMU again with `snapctl qemu-args`"
-                    .to_owned(),
-            ];
-            let mut after = Executor::new(None, None, options, false);
-            let removals: Vec<Step> = steps
-                .iter()
-                .filter(|s| matches!(s, Step::RemoveFile { .. }))
-                .cloned()
-                .collect();
-            if after.run(&removals, &mut || Ok(())).await.is_ok() {
-                warnings.extend(after.warnings);
-            }
-            return Ok(Outcome {
-                warnings,
-                removed_files: after.removed,
-            });
-        }
-        // Switched but not finished: the journal entry stays for recovery.
-        Err(failure) => return Err(failure.error),
+    if !failure.switched {
+        begun.exec.rollback().await;
+        return ctx.abandon(&begun, failure.error);
     }
-    lock.resolve(record, journal)?;
-    Ok(Outcome {
-        warnings: exec.warnings,
-        removed_files: exec.removed,
-    })
+    let at_reset = matches!(&failure.step, Step::Qmp { command, .. } if command == "system_reset" || command == "cont");
+    if !(failure.recorded && at_reset && failure.error.qemu_gone()) {
+        // Switched but not finished: the journal entry stays for recovery.
+        return Err(failure.error);
+    }
+    // QEMU started with -no-reboot exits instead of resetting: the revert is
+    // complete; what is left is removing the files nothing needs.
+    let removals: Vec<Step> = steps
+        .iter()
+        .filter(|s| matches!(s, Step::RemoveFile { .. }))
+        .cloned()
+        .collect();
+    let options = ctx.options;
+    let mut offline = Executor::new(None, None, options, false);
+    if let Err(f) = offline.run(&removals, &mut || Ok(())).await {
+        offline.warnings.push(f.error.to_string());
+    }
+    begun.exec.warnings.push(
+        "QEMU exited at the guest reset (was it started with -no-reboot?): the disks \
+         are reverted; start QEMU again with `snapctl qemu-args`"
+            .to_owned(),
+    );
+    begun.exec.warnings.append(&mut offline.warnings);
+    begun.exec.removed.append(&mut offline.removed);
+    ctx.finish(begun)
 }
