@@ -17,6 +17,8 @@ pub mod create;
 pub mod delete;
 pub mod merge;
 pub mod revert;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeSet;
 use std::fmt;
