@@ -195,6 +195,10 @@ pub struct DiskDelete {
 pub struct Delete {
     pub snapshot: String,
     pub disks: Vec<DiskDelete>,
+    /// `--metadata-only`: the files stay where they are, even those the record
+    /// no longer needs (they are then no longer recorded).
+    #[serde(default)]
+    pub keep_files: bool,
 }
 
 /// What a raw `commit` or `pull` does to the chain.

@@ -252,6 +252,15 @@ fn select<'g>(
             vm: record.vm.clone(),
         });
     }
+    if let Some(id) = opts
+        .overlays
+        .keys()
+        .find(|id| !selected.iter().any(|d| d.id == **id))
+    {
+        return Err(Error::Refused(format!(
+            "--overlay names {id}, which this snapshot does not cover"
+        )));
+    }
     Ok(selected)
 }
 

@@ -64,6 +64,7 @@ pub fn plan(
     let delete = Delete {
         snapshot: name.to_owned(),
         disks,
+        keep_files: metadata_only,
     };
     Ok(Plan {
         steps: steps(record, &delete),
@@ -103,7 +104,7 @@ fn live_job(
         _ => {
             let below = match record.layers.get(base).and_then(|l| l.backing.as_deref()) {
                 Some(below) => {
-                    if chain.get(pos + 2).is_none() {
+                    if chain.get(pos + 2).is_none_or(|l| l.filename != below) {
                         return Err(Error::Drift(format!(
                             "{} is not open below {} in QEMU: run snapctl check",
                             below.display(),
@@ -154,8 +155,21 @@ pub fn choose(
             };
         }
     };
-    let commit_ok = record.owns(f) && record.dependents(&c).len() <= 1;
-    let stream_ok = record.owns(&c);
+    // Commit writes f and removes c: f must be snapctl's, and c must carry
+    // one chain only (the others would still name c). Stream writes c.
+    let commit_blocked = if !record.owns(f) {
+        Some(format!("{} is not snapctl's to write", f.display()))
+    } else {
+        let branches = record.dependents(&c).len();
+        (branches > 1).then(|| {
+            format!(
+                "{} is the base of {branches} branches, so it cannot be committed away",
+                c.display()
+            )
+        })
+    };
+    let stream_blocked =
+        (!record.owns(&c)).then(|| format!("{} is not snapctl's to write", c.display()));
     let commit = Boundary::Commit {
         top: c.clone(),
         base: f.to_path_buf(),
@@ -165,12 +179,15 @@ pub fn choose(
         into: c.clone(),
     };
     let size = |p: &Path| allocated(p).unwrap_or(u64::MAX);
-    match (commit_ok, stream_ok) {
-        (true, true) if size(&c) <= size(f) => commit,
-        (true, true) => stream,
-        (true, false) => commit,
-        (false, true) => stream,
-        (false, false) => Boundary::Keep {
+    match (commit_blocked, stream_blocked) {
+        (None, None) if size(&c) <= size(f) => commit,
+        (None, None) => stream,
+        (None, Some(_)) => commit,
+        (Some(_), None) => stream,
+        (Some(no_commit), Some(no_stream)) if record.owns(f) => Boundary::Keep {
+            reason: format!("{no_commit}, and {no_stream}"),
+        },
+        (Some(_), Some(_)) => Boundary::Keep {
             reason: format!(
                 "{} and {} are not snapctl's to write",
                 f.display(),
@@ -213,7 +230,7 @@ pub fn steps(record: &Record, delete: &Delete) -> Vec<Step> {
 }
 
 /// The record after the merges and the removal of the snapshot. Returns the
-/// owned files nothing needs any more.
+/// owned files nothing needs any more, to remove (none with `keep_files`).
 pub fn apply(record: &mut Record, delete: &Delete) -> Vec<PathBuf> {
     for d in &delete.disks {
         match &d.merge {
@@ -226,7 +243,8 @@ pub fn apply(record: &mut Record, delete: &Delete) -> Vec<PathBuf> {
         }
     }
     record.remove_snapshot(&delete.snapshot);
-    record.prune()
+    let files = record.prune();
+    if delete.keep_files { Vec::new() } else { files }
 }
 
 /// What `delete` of `delete.snapshot` did, one line per disk, for people.

@@ -1524,7 +1524,6 @@ fn delete_chooses_the_safe_and_cheaper_merge() {
 }
 
 #[test]
-#[ignore = "bug: an owned f under a foreign branch point c is kept with the reason that f is not snapctl's to write"]
 fn delete_keep_reason_names_the_branch_point_when_f_is_owned() {
     let record = pair_c_branches(true, false).build();
     match choose_with(&record, "s1", F, &[]) {
@@ -1576,6 +1575,7 @@ fn delete_live_active_commit_completes_the_job_then_finalizes() {
     assert_eq!(
         plan.operation,
         Operation::Delete(Delete {
+            keep_files: false,
             snapshot: "s3".into(),
             disks: vec![DiskDelete {
                 disk: "vda".into(),
@@ -1738,7 +1738,6 @@ fn delete_live_stream_refuses_when_the_layer_below_is_not_open() {
 }
 
 #[test]
-#[ignore = "bug: delete's live stream takes whatever QEMU has below f as base-node without checking it is f's recorded backing"]
 fn delete_live_stream_refuses_when_another_image_is_open_below() {
     let record = linear().foreign("/img/other.qcow2", None).build();
     let live = Live::new()
@@ -1948,6 +1947,7 @@ fn delete_metadata_only_keeps_every_layer() {
     assert_eq!(
         plan.operation,
         Operation::Delete(Delete {
+            keep_files: true,
             snapshot: "s2".into(),
             disks: vec![DiskDelete {
                 disk: "vda".into(),
@@ -1990,7 +1990,6 @@ fn delete_drops_a_frozen_image_nothing_stands_on() {
 }
 
 #[test]
-#[ignore = "bug: delete --metadata-only (\"leave every image as it is\") still removes a frozen image nothing stands on"]
 fn delete_metadata_only_never_removes_a_file() {
     let record = pulled().build();
     let plan = plan_delete(&record, None, &FakeHost::new(), "s3", true, 0).unwrap();
@@ -2147,6 +2146,7 @@ fn delete_with_descendants_lists_the_deepest_first_and_the_name_last() {
 #[test]
 fn delete_summary_says_how_each_disk_goes() {
     let delete = Delete {
+        keep_files: false,
         snapshot: "s1".into(),
         disks: vec![
             DiskDelete {

@@ -290,6 +290,7 @@ async fn recover_delete(
     let finished = Delete {
         snapshot: op.snapshot.clone(),
         disks: done,
+        keep_files: op.keep_files,
     };
     let merged = finished.disks.len();
     let files = plan::delete::apply(record, &finished);
