@@ -2,15 +2,14 @@
 //! (`--lock-wait`), readers never see a half-written record, and afterwards
 //! the record, QEMU and the image directory agree with each other.
 
-mod util;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::util;
+use crate::util::{Background, Vm, dir_listing, fail};
 use serde_json::{Value, json};
 use snapctl::record::Record;
-use util::{Background, Vm, dir_listing, fail};
 
 /// How long each process may wait for the lock.
 const LOCK_WAIT: &str = "60";

@@ -14,8 +14,6 @@
 //! The long jobs are made slow with `--bandwidth 1M` on 32 MiB of data, so
 //! that an interruption or a timeout always lands while the job runs.
 
-mod util;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,6 +22,7 @@ use std::time::{Duration, Instant};
 use integration::{QemuBuilder, WorkDir, image};
 use serde_json::{Value, json};
 
+use crate::util;
 use crate::util::{K64, M1, Tmpfs, Vm, dir_listing};
 
 /// The size of the test disk.

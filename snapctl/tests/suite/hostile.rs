@@ -4,15 +4,14 @@
 //! is one clear line on stderr, and a refused command changes nothing: not the
 //! record (byte for byte), not the image directory, not QEMU's graph.
 
-mod util;
-
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::util;
+use crate::util::{Vm, dir_listing, mode_of};
 use serde_json::{Value, json};
-use util::{Vm, dir_listing, mode_of};
 
 /// A path outside every work directory, unique to this process and `what`.
 fn outside(what: &str) -> PathBuf {

@@ -4,11 +4,10 @@
 //! (it had not), and afterwards record, QEMU and headers agree and every
 //! byte the guest wrote is where it belongs.
 
-mod util;
-
 use std::os::unix::process::ExitStatusExt;
 
-use util::Vm;
+use crate::util;
+use crate::util::Vm;
 
 const K64: u64 = 64 * 1024;
 

@@ -10,8 +10,6 @@
 //! against the bookkeeping: `list`, `show`, `chain`, `check`, the image
 //! directory and QEMU's graph.
 
-mod util;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
