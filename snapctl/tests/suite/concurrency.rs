@@ -6,8 +6,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::util;
-use crate::util::{Background, Vm, dir_listing, fail};
+use crate::util::{Background, K64, M1, Vm, dir_listing, fail};
 use serde_json::{Value, json};
 use snapctl::record::Record;
 
@@ -28,11 +27,11 @@ enum Kind {
 fn eight_processes_at_once_keep_the_record_consistent() {
     let mut vm = Vm::two_disks();
     vm.snapctl.args(["init"]).ok();
-    vm.monitor.write("vda", 0x11, 0, util::K64);
+    vm.monitor.write("vda", 0x11, 0, K64);
     vm.snapctl.args(["create", "d1"]).ok();
-    vm.monitor.write("vda", 0x22, util::M1, util::K64);
+    vm.monitor.write("vda", 0x22, M1, K64);
     vm.snapctl.args(["create", "d2"]).ok();
-    vm.monitor.write("vdb", 0x33, 0, util::K64);
+    vm.monitor.write("vdb", 0x33, 0, K64);
 
     let jobs: Vec<(Kind, Vec<&str>)> = vec![
         (Kind::Create, vec!["create", "c1"]),

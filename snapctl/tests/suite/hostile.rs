@@ -9,8 +9,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::util;
-use crate::util::{Vm, dir_listing, mode_of};
+use crate::util::{VM, Vm, dir_listing, mode_of};
 use serde_json::{Value, json};
 
 /// A path outside every work directory, unique to this process and `what`.
@@ -347,7 +346,7 @@ fn state_directory_and_record_are_private() {
         .arg(env!("CARGO_BIN_EXE_snapctl"))
         .arg("--state-dir")
         .arg(vm.snapctl.state_dir())
-        .args(["--vm", util::VM, "--socket"])
+        .args(["--vm", VM, "--socket"])
         .arg(vm.dir.join("sc.sock"))
         .arg("init")
         .status()
