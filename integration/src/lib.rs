@@ -16,7 +16,8 @@
 //! * [`image`]: `qemu-img` and `qemu-io` wrappers that check data
 //!   byte-for-byte with patterns and panic with the command, its status and
 //!   its output when a tool fails.
-//! * [`wait_until`] and [`require_tool`].
+//! * [`wait_until`], [`require_tool`], and [`command_line`] and
+//!   [`shell_quote`] for messages that show a command to copy and paste.
 //!
 //! # Example
 //!
@@ -53,7 +54,7 @@ mod workdir;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use process::Process;
+pub use process::{Process, command_line, shell_quote};
 pub use qemu::{Qemu, QemuBuilder, qcow2_layer};
 pub use storage_daemon::{StorageDaemon, StorageDaemonBuilder};
 pub use workdir::WorkDir;

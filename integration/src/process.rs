@@ -252,8 +252,8 @@ fn tail(text: &str, max: usize) -> &str {
     &text[start..]
 }
 
-/// A shell-quoted rendering of `command` for messages.
-pub(crate) fn command_line(command: &Command) -> String {
+/// A shell-quoted rendering of `command` for messages, for copy and paste.
+pub fn command_line(command: &Command) -> String {
     std::iter::once(command.get_program())
         .chain(command.get_args())
         .map(|arg| shell_quote(&arg.to_string_lossy()))
@@ -261,7 +261,9 @@ pub(crate) fn command_line(command: &Command) -> String {
         .join(" ")
 }
 
-fn shell_quote(arg: &str) -> String {
+/// Quotes one argument for a POSIX shell: as it is when it holds only
+/// characters no shell treats specially, otherwise in single quotes.
+pub fn shell_quote(arg: &str) -> String {
     let plain = !arg.is_empty()
         && arg
             .bytes()

@@ -2,15 +2,13 @@
 //! (`--lock-wait`), readers never see a half-written record, and afterwards
 //! the record, QEMU and the image directory agree with each other.
 
-mod util;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::util::{Background, K64, M1, Vm, dir_listing, fail};
 use serde_json::{Value, json};
 use snapctl::record::Record;
-use util::{Background, Vm, dir_listing, fail};
 
 /// How long each process may wait for the lock.
 const LOCK_WAIT: &str = "60";
@@ -29,11 +27,11 @@ enum Kind {
 fn eight_processes_at_once_keep_the_record_consistent() {
     let mut vm = Vm::two_disks();
     vm.snapctl.args(["init"]).ok();
-    vm.monitor.write("vda", 0x11, 0, util::K64);
+    vm.monitor.write("vda", 0x11, 0, K64);
     vm.snapctl.args(["create", "d1"]).ok();
-    vm.monitor.write("vda", 0x22, util::M1, util::K64);
+    vm.monitor.write("vda", 0x22, M1, K64);
     vm.snapctl.args(["create", "d2"]).ok();
-    vm.monitor.write("vdb", 0x33, 0, util::K64);
+    vm.monitor.write("vdb", 0x33, 0, K64);
 
     let jobs: Vec<(Kind, Vec<&str>)> = vec![
         (Kind::Create, vec!["create", "c1"]),

@@ -1,37 +1,32 @@
 //! `snapctl commit`, `pull`, `jobs` and `job` against real QEMU (TCG, no
 //! guest OS).
 //!
-//! Every test starts its own one-disk VM (`vda`, 64 MiB, on the foreign
-//! `img/base.qcow2`) and builds a history of snapshots with patterns,
-//! keeping a table of what each snapshot and the live disk must read
-//! ([`History`]). After each operation the data is checked live through the
-//! device (HMP `qemu-io`, whose results QEMU prints on its stdout, read once
-//! QEMU has quit: [`LiveReads`]) and offline with `qemu-io` on every
-//! remaining snapshot's frozen image as `show` reports it afterwards
+//! Every test starts its own one-disk VM ([`Vm::one_disk`]: `vda`, 64 MiB,
+//! on the foreign `img/base.qcow2`) and builds a history of snapshots with
+//! patterns, keeping a table of what each snapshot and the live disk must
+//! read ([`History`]). After each operation the data is checked live
+//! through the device ([`LiveReads`]) and offline on every remaining
+//! snapshot's frozen image as `show` reports it afterwards
 //! ([`assert_images_read`]), and the bookkeeping against `list`, `show`,
-//! `chain`, `check`, the image directory and QEMU's graph.
+//! `chain`, `check`, the image directory and QEMU's graph (the shared checks
+//! of [`crate::util::history`]).
 //!
 //! The long jobs are made slow with `--bandwidth 1M` on 32 MiB of data, so
 //! that an interruption or a timeout always lands while the job runs.
 
-mod util;
-
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use integration::{QemuBuilder, WorkDir, image};
+use integration::{WorkDir, command_line, image};
 use serde_json::{Value, json};
 
-use crate::util::{K64, M1, Tmpfs, Vm, dir_listing};
-
-/// The size of the test disk.
-const DISK: u64 = 64 * M1;
-
-/// Where the small writes go (64 KiB each). The last one is never written:
-/// it must read zeroes everywhere.
-const OFFSETS: [u64; 6] = [0, K64, 2 * K64, 3 * K64, 4 * K64, 5 * K64];
+use crate::util::history::{
+    assert_check_clean, assert_headers_match_chain, assert_images_read, assert_live_consistent,
+    assert_no_stray_images, chain, directory_digests, flush, frozen_images_of, list, parent,
+    sha256, sorted_snapshot_names,
+};
+use crate::util::{Background, Bulk, History, K64, LiveReads, M1, Pattern, Tmpfs, Vm};
 
 /// The bulk range that makes jobs long: 32 MiB from 16 MiB.
 const BULK_OFFSET: u64 = 16 * M1;
@@ -40,92 +35,24 @@ const BULK_LEN: u64 = 32 * M1;
 /// The pattern of the bulk range when it is written.
 const BULK_BYTE: u8 = 0x5a;
 
+const BULK: Bulk = Bulk {
+    offset: BULK_OFFSET,
+    len: BULK_LEN,
+    byte: BULK_BYTE,
+};
+
+/// Where the small writes go (64 KiB each; the last one is never written:
+/// it must read zeroes everywhere), and the bulk range.
+const PATTERN: Pattern = Pattern {
+    offsets: &[0, K64, 2 * K64, 3 * K64, 4 * K64, 5 * K64],
+    bulk: Some(BULK),
+};
+
 /// The foreign base image's file name.
 const BASE: &str = "base.qcow2";
 
 /// How long an interrupted or timed-out merge may take to give up.
 const GIVE_UP: Duration = Duration::from_secs(10);
-
-/// What the disk reads at one moment: the byte at each of [`OFFSETS`]
-/// (absent: zero), and whether the bulk range holds [`BULK_BYTE`].
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct State {
-    small: BTreeMap<u64, u8>,
-    bulk: bool,
-}
-
-impl State {
-    /// Every (offset, length, byte) the disk must read.
-    fn reads(&self) -> Vec<(u64, u64, u8)> {
-        let mut reads: Vec<(u64, u64, u8)> = OFFSETS
-            .iter()
-            .map(|&o| (o, K64, self.small.get(&o).copied().unwrap_or(0)))
-            .collect();
-        let bulk = if self.bulk { BULK_BYTE } else { 0 };
-        reads.push((BULK_OFFSET, BULK_LEN, bulk));
-        reads
-    }
-}
-
-/// What the live disk and every snapshot must read.
-#[derive(Debug, Default, Clone)]
-struct History {
-    live: State,
-    snapshots: BTreeMap<String, State>,
-}
-
-impl History {
-    /// Writes `byte` at `offset` (64 KiB) through QEMU, as the guest would.
-    fn write(&mut self, vm: &mut Vm, offset: u64, byte: u8) {
-        vm.monitor.write("vda", byte, offset, K64);
-        self.live.small.insert(offset, byte);
-    }
-
-    /// Fills the 32 MiB bulk range through QEMU.
-    fn write_bulk(&mut self, vm: &mut Vm) {
-        vm.monitor.write("vda", BULK_BYTE, BULK_OFFSET, BULK_LEN);
-        self.live.bulk = true;
-    }
-
-    /// `snapctl create NAME`, with extra arguments.
-    fn create_with(&mut self, vm: &mut Vm, name: &str, extra: &[&str]) {
-        vm.snapctl.args(["create", name]).args(extra).ok();
-        self.snapshots.insert(name.to_owned(), self.live.clone());
-    }
-
-    fn create(&mut self, vm: &mut Vm, name: &str) {
-        self.create_with(vm, name, &[]);
-    }
-
-    /// After an operation removed `name` from the record.
-    fn removed(&mut self, name: &str) {
-        self.snapshots
-            .remove(name)
-            .unwrap_or_else(|| panic!("no snapshot {name} in the history"));
-    }
-
-    fn names(&self) -> Vec<String> {
-        self.snapshots.keys().cloned().collect()
-    }
-}
-
-/// A paused VM with one disk, `vda`: one `-blockdev` layer on the foreign
-/// `img/base.qcow2` (64 MiB), which holds the bulk pattern when
-/// `bulk_in_base`.
-fn one_disk(bulk_in_base: bool) -> Vm {
-    let dir = WorkDir::new();
-    let img = dir.join("img");
-    std::fs::create_dir(&img).unwrap();
-    let base = img.join(BASE);
-    image::create_qcow2(&base, DISK);
-    if bulk_in_base {
-        image::write_pattern(&base, BULK_BYTE, BULK_OFFSET, BULK_LEN);
-    }
-    Vm::start(
-        dir,
-        QemuBuilder::new().blockdev_chain("vda", &[("base", &base)]),
-    )
-}
 
 /// Registers the VM and takes s1 to s4, each after writes; every step also
 /// overwrites offset 0, so each moment reads differently there.
@@ -142,7 +69,7 @@ fn one_disk(bulk_in_base: bool) -> Vm {
 /// `base (s1) <- vda.s1 (s2) <- vda.s2 (s3) <- vda.s3 (s4) <- vda.s4 (active)`.
 fn four_snapshots(vm: &mut Vm) -> History {
     vm.snapctl.args(["init"]).ok();
-    let mut history = History::default();
+    let mut history = History::new(PATTERN);
     history.write(vm, 0, 0x11);
     history.create(vm, "s1");
     for (i, name) in ["s2", "s3", "s4"].into_iter().enumerate() {
@@ -170,7 +97,7 @@ fn four_snapshots(vm: &mut Vm) -> History {
 /// The chain: `base (s1) <- vda.s1 (s2) <- vda.s2 (active)`.
 fn bulk_history(vm: &mut Vm, bulk_on_top: bool) -> History {
     vm.snapctl.args(["init"]).ok();
-    let mut history = History::default();
+    let mut history = History::new(PATTERN);
     history.write(vm, 0, 0x11);
     history.create(vm, "s1");
     history.write(vm, 0, 0x12);
@@ -184,275 +111,6 @@ fn bulk_history(vm: &mut Vm, bulk_on_top: bool) -> History {
         history.write_bulk(vm);
     }
     history
-}
-
-/// Reads through the live device with HMP `qemu-io`. QEMU prints the
-/// results on its stdout, which is complete only once QEMU has exited, so
-/// the verdict comes from [`LiveReads::assert_ok`] after the quit.
-#[derive(Debug, Default)]
-struct LiveReads {
-    /// One label per read, in the order they were issued.
-    reads: Vec<String>,
-}
-
-impl LiveReads {
-    /// Reads everything `state` says the disk holds.
-    fn expect(&mut self, vm: &mut Vm, when: &str, state: &State) {
-        for (offset, len, byte) in state.reads() {
-            vm.monitor
-                .qemu_io("vda", &format!("read -P {byte:#04x} {offset} {len}"));
-            self.reads.push(format!(
-                "{when}: vda should read {byte:#04x} at {offset} ({len} bytes)"
-            ));
-        }
-    }
-
-    /// After [`Vm::quit`]: every read ran and none saw other bytes.
-    fn assert_ok(&self, vm: &Vm) {
-        let out = vm.qemu.stdout_text();
-        // qemu-io prints "Pattern verification failed ..." before the
-        // "read N/N bytes at offset O" line of the read it belongs to.
-        let mut verdicts = Vec::new();
-        let mut failed = false;
-        for line in out.lines() {
-            if line.contains("Pattern verification failed") {
-                failed = true;
-            } else if line.starts_with("read ") && line.contains(" bytes at offset ") {
-                verdicts.push(failed);
-                failed = false;
-            }
-        }
-        assert_eq!(
-            verdicts.len(),
-            self.reads.len(),
-            "QEMU did not report every live read:\n{out}"
-        );
-        let wrong: Vec<&str> = verdicts
-            .iter()
-            .zip(&self.reads)
-            .filter(|(failed, _)| **failed)
-            .map(|(_, read)| read.as_str())
-            .collect();
-        assert!(
-            wrong.is_empty(),
-            "the live device read other data:\n{}\n--- QEMU stdout\n{out}",
-            wrong.join("\n")
-        );
-    }
-}
-
-/// A JSON string as a path.
-fn path_of(value: &Value) -> PathBuf {
-    PathBuf::from(
-        value
-            .as_str()
-            .unwrap_or_else(|| panic!("expected a path, got {value}")),
-    )
-}
-
-/// vda's chain as `chain --json` gives it, active image first, with where
-/// it came from ("qemu" or "images").
-fn chain_from(vm: &Vm) -> (Vec<PathBuf>, String) {
-    let chain = vm.snapctl.args(["chain"]).json();
-    let entries = chain["disks"]["vda"]
-        .as_array()
-        .unwrap_or_else(|| panic!("chain --json has no vda: {chain}"));
-    assert_eq!(
-        entries.first().map(|e| &e["active"]),
-        Some(&json!(true)),
-        "vda's chain does not start with the active image: {chain}"
-    );
-    let source = chain["source"].as_str().unwrap_or_default().to_owned();
-    (
-        entries.iter().map(|e| path_of(&e["image"])).collect(),
-        source,
-    )
-}
-
-/// vda's chain, active image first.
-fn chain(vm: &Vm) -> Vec<PathBuf> {
-    chain_from(vm).0
-}
-
-/// `list --json`.
-fn list(vm: &Vm) -> Value {
-    vm.snapctl.args(["list"]).json()
-}
-
-/// The snapshot names `list` reports, sorted.
-fn snapshot_names(vm: &Vm) -> Vec<String> {
-    let mut names: Vec<String> = list(vm)["snapshots"]
-        .as_array()
-        .expect("list --json has a snapshots array")
-        .iter()
-        .map(|s| {
-            s["name"]
-                .as_str()
-                .expect("a snapshot has a name")
-                .to_owned()
-        })
-        .collect();
-    names.sort();
-    names
-}
-
-/// Every snapshot's frozen image of vda, as `list --json` reports them now.
-fn frozen_images(vm: &Vm) -> BTreeMap<String, PathBuf> {
-    list(vm)["snapshots"]
-        .as_array()
-        .expect("list --json has a snapshots array")
-        .iter()
-        .map(|s| {
-            let name = s["name"].as_str().expect("a snapshot has a name");
-            (name.to_owned(), path_of(&s["disks"]["vda"]["image"]))
-        })
-        .collect()
-}
-
-/// The snapshot's parent in `show --json`.
-fn parent(vm: &Vm, name: &str) -> Value {
-    vm.snapctl.args(["show", name]).json()["parent"].clone()
-}
-
-/// `sha256sum` of a file.
-fn sha256(path: &Path) -> String {
-    let output = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("run sha256sum");
-    assert!(
-        output.status.success(),
-        "sha256sum {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-/// Every file of the image directory with its digest.
-fn directory_digests(vm: &Vm) -> BTreeMap<PathBuf, String> {
-    dir_listing(&vm.images())
-        .into_iter()
-        .map(|name| {
-            let path = vm.image(&name);
-            let digest = sha256(&path);
-            (path, digest)
-        })
-        .collect()
-}
-
-/// `check` exits 0 and reports no drift.
-fn assert_check_clean(vm: &Vm, running: bool, after_what: &str) {
-    let check = vm.snapctl.args(["check"]).json();
-    assert_eq!(
-        check["qemu_running"], running,
-        "{after_what}: check: {check}"
-    );
-    assert_eq!(check["drift"], json!([]), "{after_what}: check: {check}");
-}
-
-/// Offline (`qemu-io -U` on the files): every snapshot of the history reads
-/// its data in its frozen image as `show` reports it now, and the active
-/// image reads the live data.
-fn assert_images_read(vm: &Vm, history: &History) {
-    let mut wrong = Vec::new();
-    let mut check = |what: &str, image: &Path, state: &State| {
-        for (offset, len, byte) in state.reads() {
-            if !image::read_pattern_ok(image, byte, offset, len) {
-                wrong.push(format!(
-                    "{what}: {} should read {byte:#04x} at {offset} ({len} bytes)",
-                    image.display()
-                ));
-            }
-        }
-    };
-    for (name, state) in &history.snapshots {
-        let show = vm.snapctl.args(["show", name]).json();
-        let image = path_of(&show["disks"]["vda"]["image"]);
-        check(&format!("snapshot {name}"), &image, state);
-    }
-    check("the active image", &chain(vm)[0], &history.live);
-    assert!(wrong.is_empty(), "wrong data:\n{}", wrong.join("\n"));
-}
-
-/// The image directory holds exactly what the VM needs: the chain, each
-/// snapshot's frozen image with its backing chain (from the headers), and
-/// the foreign base (never deleted).
-fn assert_no_stray_images(vm: &Vm, after_what: &str) {
-    let mut needed: BTreeSet<PathBuf> = chain(vm).into_iter().collect();
-    for frozen in frozen_images(vm).values() {
-        needed.extend(image::backing_chain(frozen));
-    }
-    let missing: Vec<&PathBuf> = needed.iter().filter(|p| !p.exists()).collect();
-    assert!(
-        missing.is_empty(),
-        "{after_what}: images the VM needs are gone: {missing:?}"
-    );
-    let base = vm.image(BASE);
-    assert!(base.exists(), "{after_what}: the foreign base was deleted");
-    let stray: Vec<PathBuf> = dir_listing(&vm.images())
-        .into_iter()
-        .map(|name| vm.image(&name))
-        .filter(|p| !needed.contains(p) && *p != base)
-        .collect();
-    assert!(
-        stray.is_empty(),
-        "{after_what}: files nothing needs were left behind: {stray:?}\nneeded: {needed:#?}"
-    );
-}
-
-/// With QEMU running: the device writes the active image that `chain`
-/// reports (from QEMU), no job is left, every node QEMU has open is on a
-/// file that still exists, the journal is empty and `check` is clean.
-fn assert_live_consistent(vm: &mut Vm, after_what: &str) {
-    let (images, source) = chain_from(vm);
-    assert_eq!(
-        source, "qemu",
-        "{after_what}: chain --json is not from QEMU"
-    );
-    let state = vm.monitor.block_state();
-    assert_eq!(
-        state.root_file("vda"),
-        images[0],
-        "{after_what}: the device and chain --json disagree"
-    );
-    for node in &state.nodes {
-        if node.file.starts_with('/') {
-            assert!(
-                Path::new(&node.file).exists(),
-                "{after_what}: QEMU still has node {} open on a deleted file {}",
-                node.name,
-                node.file
-            );
-        }
-    }
-    assert_eq!(
-        vm.monitor.jobs(),
-        Vec::<Value>::new(),
-        "{after_what}: QEMU still has jobs"
-    );
-    assert_eq!(
-        vm.snapctl.record()["journal"],
-        json!([]),
-        "{after_what}: the journal is not resolved"
-    );
-    assert_check_clean(vm, true, after_what);
-}
-
-/// With QEMU stopped: the chain the headers describe is the one `chain`
-/// reports.
-fn assert_headers_match_chain(vm: &Vm) {
-    let (images, source) = chain_from(vm);
-    assert_eq!(source, "images");
-    assert_eq!(
-        image::backing_chain(&images[0]),
-        images,
-        "the headers describe another chain than chain --json"
-    );
 }
 
 /// The names in a `removed_snapshots` JSON array.
@@ -474,19 +132,13 @@ fn holding(frozen: &BTreeMap<String, PathBuf>, layers: &[PathBuf]) -> BTreeSet<S
         .collect()
 }
 
-/// Makes QEMU write out what it caches for the disk, so that the files'
-/// bytes stay put while nothing changes.
-fn flush(vm: &mut Vm) {
-    vm.monitor.qemu_io("vda", "flush");
-}
-
 /// `commit vda --top s4 --base s2` on the four-snapshot history: s4's
 /// frozen image (vda.s3) and the layer below it (vda.s2, s3's) are merged
 /// into vda.s1 (s2's). Checks the report and the record; returns the new
 /// history.
 fn commit_s4_into_s2(vm: &mut Vm, mut history: History) -> History {
-    let before = chain(vm);
-    let frozen = frozen_images(vm);
+    let before = chain(vm, "vda");
+    let frozen = frozen_images_of(vm, "vda");
     let top = &frozen["s4"];
     let base = &frozen["s2"];
     let t = before
@@ -515,8 +167,8 @@ fn commit_s4_into_s2(vm: &mut Vm, mut history: History) -> History {
         history.removed(name);
     }
 
-    assert_eq!(snapshot_names(vm), history.names());
-    let after = frozen_images(vm);
+    assert_eq!(sorted_snapshot_names(vm), history.names());
+    let after = frozen_images_of(vm, "vda");
     assert_eq!(after["s4"], *base, "s4 now points at the base");
     assert_eq!(after["s1"], frozen["s1"], "s1 keeps its frozen image");
     assert_eq!(
@@ -527,7 +179,11 @@ fn commit_s4_into_s2(vm: &mut Vm, mut history: History) -> History {
     assert_eq!(list(vm)["current"], "s4");
     let mut expected = before[..t].to_vec();
     expected.extend_from_slice(&before[b..]);
-    assert_eq!(chain(vm), expected, "the merged layers left the chain");
+    assert_eq!(
+        chain(vm, "vda"),
+        expected,
+        "the merged layers left the chain"
+    );
     assert!(
         !before[t].exists(),
         "the top layer {} was merged away but kept",
@@ -539,7 +195,7 @@ fn commit_s4_into_s2(vm: &mut Vm, mut history: History) -> History {
 /// The layers that left vda's chain are closed in QEMU: it has no node open
 /// on an image file outside the chain.
 fn assert_no_nodes_outside_chain(vm: &mut Vm, after_what: &str) {
-    let images = chain(vm);
+    let images = chain(vm, "vda");
     let outside: Vec<String> = vm
         .monitor
         .block_state()
@@ -557,7 +213,7 @@ fn assert_no_nodes_outside_chain(vm: &mut Vm, after_what: &str) {
 
 #[test]
 fn commit_with_base_live() {
-    let mut vm = one_disk(false);
+    let mut vm = Vm::one_disk(None);
     let history = four_snapshots(&mut vm);
     let base_digest = sha256(&vm.image(BASE));
 
@@ -567,10 +223,10 @@ fn commit_with_base_live() {
     // commit_with_base_live_closes_and_removes_the_merged_layers.)
     assert_live_consistent(&mut vm, "commit --top s4 --base s2");
     let mut reads = LiveReads::default();
-    reads.expect(&mut vm, "after the commit", &history.live);
+    reads.expect(&mut vm, "after the commit", &history);
     // The device keeps working on its new chain.
     history.write(&mut vm, 5 * K64, 0x66);
-    reads.expect(&mut vm, "after a write following the commit", &history.live);
+    reads.expect(&mut vm, "after a write following the commit", &history);
 
     vm.quit();
     reads.assert_ok(&vm);
@@ -588,9 +244,9 @@ fn commit_with_base_live() {
 /// vda.s1: both must be closed in QEMU and their files removed.
 #[test]
 fn commit_with_base_live_closes_and_removes_the_merged_layers() {
-    let mut vm = one_disk(false);
+    let mut vm = Vm::one_disk(None);
     let history = four_snapshots(&mut vm);
-    let before = chain(&vm);
+    let before = chain(&vm, "vda");
 
     commit_s4_into_s2(&mut vm, history);
 
@@ -607,7 +263,7 @@ fn commit_with_base_live_closes_and_removes_the_merged_layers() {
 
 #[test]
 fn commit_offline() {
-    let mut vm = one_disk(false);
+    let mut vm = Vm::one_disk(None);
     let history = four_snapshots(&mut vm);
     vm.quit();
     let base_digest = sha256(&vm.image(BASE));
@@ -628,7 +284,7 @@ fn commit_offline() {
 
 #[test]
 fn commit_into_the_foreign_base_is_refused() {
-    let mut vm = one_disk(false);
+    let mut vm = Vm::one_disk(None);
     let history = four_snapshots(&mut vm);
     flush(&mut vm);
     let before = vm.untouched_state();
@@ -667,11 +323,11 @@ fn commit_into_the_foreign_base_is_refused() {
 
 #[test]
 fn pull_with_base_live() {
-    let mut vm = one_disk(false);
+    let mut vm = Vm::one_disk(None);
     let history = four_snapshots(&mut vm);
     flush(&mut vm);
-    let before = chain(&vm);
-    let frozen = frozen_images(&vm);
+    let before = chain(&vm, "vda");
+    let frozen = frozen_images_of(&vm, "vda");
     let digests: BTreeMap<&PathBuf, String> = frozen.values().map(|p| (p, sha256(p))).collect();
 
     let report = vm.snapctl.args(["pull", "vda", "--base", "s1"]).json();
@@ -682,19 +338,19 @@ fn pull_with_base_live() {
     );
 
     // The active image now sits directly on s1's frozen image.
-    assert_eq!(chain(&vm), [before[0].clone(), frozen["s1"].clone()]);
+    assert_eq!(chain(&vm, "vda"), [before[0].clone(), frozen["s1"].clone()]);
     assert_eq!(
-        snapshot_names(&vm),
+        sorted_snapshot_names(&vm),
         history.names(),
         "pull removes no snapshot"
     );
-    assert_eq!(frozen_images(&vm), frozen, "frozen images moved");
+    assert_eq!(frozen_images_of(&vm, "vda"), frozen, "frozen images moved");
     let now: BTreeMap<&PathBuf, String> = frozen.values().map(|p| (p, sha256(p))).collect();
     assert_eq!(now, digests, "pull wrote a frozen image");
     assert_live_consistent(&mut vm, "pull --base s1");
     assert_no_stray_images(&vm, "pull --base s1");
     let mut reads = LiveReads::default();
-    reads.expect(&mut vm, "after the pull", &history.live);
+    reads.expect(&mut vm, "after the pull", &history);
 
     vm.quit();
     reads.assert_ok(&vm);
@@ -709,7 +365,7 @@ fn pull_with_base_live() {
 /// hold them) fail.
 #[test]
 fn pull_with_base_live_closes_the_layers_it_leaves() {
-    let mut vm = one_disk(false);
+    let mut vm = Vm::one_disk(None);
     let mut history = four_snapshots(&mut vm);
 
     vm.snapctl.args(["pull", "vda", "--base", "s1"]).ok();
@@ -719,7 +375,7 @@ fn pull_with_base_live_closes_the_layers_it_leaves() {
         vm.snapctl.args(["delete", name]).ok();
         history.removed(name);
     }
-    assert_eq!(snapshot_names(&vm), history.names());
+    assert_eq!(sorted_snapshot_names(&vm), history.names());
     assert_live_consistent(&mut vm, "pull --base s1, then delete s3 and s2");
     assert_no_stray_images(&vm, "pull --base s1, then delete s3 and s2");
     vm.quit();
@@ -728,11 +384,11 @@ fn pull_with_base_live_closes_the_layers_it_leaves() {
 
 #[test]
 fn pull_all_offline() {
-    let mut vm = one_disk(false);
+    let mut vm = Vm::one_disk(None);
     let history = four_snapshots(&mut vm);
     vm.quit();
-    let active = chain(&vm)[0].clone();
-    let frozen = frozen_images(&vm);
+    let active = chain(&vm, "vda")[0].clone();
+    let frozen = frozen_images_of(&vm, "vda");
     let digests: BTreeMap<&PathBuf, String> = frozen.values().map(|p| (p, sha256(p))).collect();
 
     let report = vm.snapctl.args(["pull", "vda"]).json();
@@ -743,18 +399,18 @@ fn pull_all_offline() {
     );
 
     // The active image stands alone.
-    assert_eq!(chain(&vm), std::slice::from_ref(&active));
+    assert_eq!(chain(&vm, "vda"), std::slice::from_ref(&active));
     assert_eq!(
         image::backing_file(&active),
         None,
         "the header still names a backing file"
     );
     assert_eq!(
-        snapshot_names(&vm),
+        sorted_snapshot_names(&vm),
         history.names(),
         "pull removes no snapshot"
     );
-    assert_eq!(frozen_images(&vm), frozen, "frozen images moved");
+    assert_eq!(frozen_images_of(&vm, "vda"), frozen, "frozen images moved");
     let now: BTreeMap<&PathBuf, String> = frozen.values().map(|p| (p, sha256(p))).collect();
     assert_eq!(
         now, digests,
@@ -769,7 +425,7 @@ fn pull_all_offline() {
 /// Starts `snapctl ARGS` in the background, waits until QEMU runs its job
 /// and at least `after` has passed, and checks (through the test's own
 /// monitor: snapctl's is busy) that the job is running and unfinished.
-fn start_slow_job(vm: &mut Vm, args: &[&str], after: Duration) -> util::Background {
+fn start_slow_job(vm: &mut Vm, args: &[&str], after: Duration) -> Background {
     let mut child = vm.snapctl.args(args).spawn();
     let started = integration::wait_until(Duration::from_secs(10), || {
         !vm.monitor.jobs().is_empty() || !child.is_running()
@@ -777,7 +433,7 @@ fn start_slow_job(vm: &mut Vm, args: &[&str], after: Duration) -> util::Backgrou
     assert!(
         started,
         "no job appeared within 10 s of {}",
-        util::command_line(child.command())
+        command_line(child.command())
     );
     assert!(
         child.is_running(),
@@ -803,13 +459,13 @@ fn start_slow_job(vm: &mut Vm, args: &[&str], after: Duration) -> util::Backgrou
 
 #[test]
 fn cancel_mid_pull() {
-    let mut vm = one_disk(false);
+    let mut vm = Vm::one_disk(None);
     // The bulk range sits in s2's frozen image: the pull has 32 MiB to copy.
     let history = bulk_history(&mut vm, false);
     flush(&mut vm);
     let record = vm.snapctl.record();
-    let before = chain(&vm);
-    let frozen = frozen_images(&vm);
+    let before = chain(&vm, "vda");
+    let frozen = frozen_images_of(&vm, "vda");
 
     let child = start_slow_job(
         &mut vm,
@@ -828,12 +484,12 @@ fn cancel_mid_pull() {
     // A stream writes only what the active image already shows: nothing
     // was lost, no snapshot removed, the chain is as it was.
     assert_eq!(vm.snapctl.record(), record, "the record changed: {line}");
-    assert_eq!(chain(&vm), before);
-    assert_eq!(frozen_images(&vm), frozen);
+    assert_eq!(chain(&vm, "vda"), before);
+    assert_eq!(frozen_images_of(&vm, "vda"), frozen);
     assert_live_consistent(&mut vm, "an interrupted pull");
     assert_no_stray_images(&vm, "an interrupted pull");
     let mut reads = LiveReads::default();
-    reads.expect(&mut vm, "after the interrupted pull", &history.live);
+    reads.expect(&mut vm, "after the interrupted pull", &history);
 
     vm.quit();
     reads.assert_ok(&vm);
@@ -847,12 +503,12 @@ fn cancel_mid_pull() {
 /// record, its place taken by its parent, and the record stay valid.
 #[test]
 fn cancel_mid_active_commit() {
-    let mut vm = one_disk(false);
+    let mut vm = Vm::one_disk(None);
     // The bulk range sits in the active image: the active commit into s2's
     // frozen image has 32 MiB to copy.
     let mut history = bulk_history(&mut vm, true);
-    let before = chain(&vm);
-    let frozen = frozen_images(&vm);
+    let before = chain(&vm, "vda");
+    let frozen = frozen_images_of(&vm, "vda");
     assert_eq!(before[1], frozen["s2"]);
 
     let child = start_slow_job(
@@ -870,9 +526,9 @@ fn cancel_mid_active_commit() {
     );
     history.removed("s2");
 
-    assert_eq!(snapshot_names(&vm), history.names(), "after: {line}");
+    assert_eq!(sorted_snapshot_names(&vm), history.names(), "after: {line}");
     assert_eq!(
-        chain(&vm),
+        chain(&vm, "vda"),
         before,
         "a cancelled commit leaves the chain as it was"
     );
@@ -884,7 +540,7 @@ fn cancel_mid_active_commit() {
     assert_live_consistent(&mut vm, "an interrupted active commit");
     assert_no_stray_images(&vm, "an interrupted active commit");
     let mut reads = LiveReads::default();
-    reads.expect(&mut vm, "after the interrupted commit", &history.live);
+    reads.expect(&mut vm, "after the interrupted commit", &history);
 
     vm.quit();
     reads.assert_ok(&vm);
@@ -899,11 +555,11 @@ fn cancel_mid_active_commit() {
 /// record stay as they were and the device still reads the latest data.
 #[test]
 fn cancel_mid_active_commit_into_a_layer_no_snapshot_holds() {
-    let mut vm = one_disk(false);
+    let mut vm = Vm::one_disk(None);
     let mut history = bulk_history(&mut vm, true);
     vm.snapctl.args(["delete", "s2", "--metadata-only"]).ok();
     history.removed("s2");
-    let before = chain(&vm);
+    let before = chain(&vm, "vda");
     let record = vm.snapctl.record();
     assert_eq!(record["current"], "s1");
 
@@ -923,14 +579,14 @@ fn cancel_mid_active_commit_into_a_layer_no_snapshot_holds() {
 
     assert_eq!(vm.snapctl.record(), record, "the record changed: {line}");
     assert_eq!(
-        chain(&vm),
+        chain(&vm, "vda"),
         before,
         "a cancelled commit leaves the chain as it was"
     );
     assert_live_consistent(&mut vm, "an interrupted active commit");
     assert_no_stray_images(&vm, "an interrupted active commit");
     let mut reads = LiveReads::default();
-    reads.expect(&mut vm, "after the interrupted commit", &history.live);
+    reads.expect(&mut vm, "after the interrupted commit", &history);
 
     vm.quit();
     reads.assert_ok(&vm);
@@ -941,11 +597,11 @@ fn cancel_mid_active_commit_into_a_layer_no_snapshot_holds() {
 
 #[test]
 fn timeout_cancels_cleanly() {
-    let mut vm = one_disk(false);
+    let mut vm = Vm::one_disk(None);
     let history = bulk_history(&mut vm, false);
     flush(&mut vm);
     let record = vm.snapctl.record();
-    let before = chain(&vm);
+    let before = chain(&vm, "vda");
 
     let started = Instant::now();
     let mut cmd = vm
@@ -959,11 +615,11 @@ fn timeout_cancels_cleanly() {
     );
 
     assert_eq!(vm.snapctl.record(), record, "the record changed: {line}");
-    assert_eq!(chain(&vm), before);
+    assert_eq!(chain(&vm, "vda"), before);
     assert_live_consistent(&mut vm, "a timed-out pull");
     assert_no_stray_images(&vm, "a timed-out pull");
     let mut reads = LiveReads::default();
-    reads.expect(&mut vm, "after the timed-out pull", &history.live);
+    reads.expect(&mut vm, "after the timed-out pull", &history);
 
     vm.quit();
     reads.assert_ok(&vm);
@@ -985,9 +641,9 @@ fn timeout_cancels_cleanly() {
 fn failing_job_reports_qemu_error_and_changes_no_record() {
     let small = WorkDir::new();
     let tmpfs = Tmpfs::mount(small.join("full"), "1M");
-    let mut vm = one_disk(true);
+    let mut vm = Vm::one_disk(Some(BULK));
     vm.snapctl.args(["init"]).ok();
-    let mut history = History::default();
+    let mut history = History::new(PATTERN);
     history.live.bulk = true;
     let overlay = tmpfs.path.join("vda.s1.qcow2");
     history.create_with(
@@ -997,7 +653,7 @@ fn failing_job_reports_qemu_error_and_changes_no_record() {
     );
     history.write(&mut vm, 0, 0x13);
     flush(&mut vm);
-    assert_eq!(chain(&vm), [overlay.clone(), vm.image(BASE)]);
+    assert_eq!(chain(&vm, "vda"), [overlay.clone(), vm.image(BASE)]);
     let record = vm.snapctl.record();
     let base_digest = sha256(&vm.image(BASE));
 
@@ -1007,7 +663,7 @@ fn failing_job_reports_qemu_error_and_changes_no_record() {
         .error_line_after_progress(&["No space left on device"]);
 
     assert_eq!(vm.snapctl.record(), record, "the record changed: {line}");
-    assert_eq!(chain(&vm), [overlay.clone(), vm.image(BASE)]);
+    assert_eq!(chain(&vm, "vda"), [overlay.clone(), vm.image(BASE)]);
     assert_eq!(
         vm.monitor.jobs(),
         Vec::<Value>::new(),
@@ -1015,7 +671,7 @@ fn failing_job_reports_qemu_error_and_changes_no_record() {
     );
     assert_live_consistent(&mut vm, "a failed pull");
     let mut reads = LiveReads::default();
-    reads.expect(&mut vm, "after the failed pull", &history.live);
+    reads.expect(&mut vm, "after the failed pull", &history);
 
     vm.quit();
     reads.assert_ok(&vm);
@@ -1033,13 +689,13 @@ fn failing_job_reports_qemu_error_and_changes_no_record() {
 
 #[test]
 fn jobs_lists_and_job_wait() {
-    let mut vm = one_disk(false);
+    let mut vm = Vm::one_disk(None);
     vm.snapctl.args(["init"]).ok();
     // 8 MiB below the active image: a stream of it at 1 MiB/s takes 8 s.
     vm.monitor.write("vda", BULK_BYTE, BULK_OFFSET, 8 * M1);
     vm.snapctl.args(["create", "s1"]).ok();
     vm.monitor.write("vda", 0x13, 0, K64);
-    let before = chain(&vm);
+    let before = chain(&vm, "vda");
     let record = vm.snapctl.record();
 
     let none = vm.snapctl.args(["jobs"]).json();
@@ -1112,7 +768,7 @@ fn jobs_lists_and_job_wait() {
         .error_line(&["slow"]);
 
     // A cancelled stream leaves the chain as it was.
-    assert_eq!(chain(&vm), before);
+    assert_eq!(chain(&vm, "vda"), before);
     assert_eq!(vm.snapctl.record(), record);
     assert_live_consistent(&mut vm, "a cancelled job");
     vm.quit();

@@ -5,8 +5,6 @@
 //! graph through a second one, and checks the bytes of every image offline
 //! once QEMU has quit.
 
-mod util;
-
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;

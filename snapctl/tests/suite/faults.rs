@@ -4,13 +4,9 @@
 //! (it had not), and afterwards record, QEMU and headers agree and every
 //! byte the guest wrote is where it belongs.
 
-mod util;
-
 use std::os::unix::process::ExitStatusExt;
 
-use util::Vm;
-
-const K64: u64 = 64 * 1024;
+use crate::util::{K64, Tmpfs, Vm};
 
 fn killed_create_is_recovered(point: &str, transaction_happened: bool) {
     let mut vm = Vm::two_disks();
@@ -110,17 +106,6 @@ fn create_killed_after_the_transaction_completes() {
 /// 0x33 before s3, 0x44 after.
 fn three_snapshots() -> Vm {
     three_snapshots_on(Vm::two_disks(), 0)
-}
-
-/// One 64 MiB disk, room for a delta big enough to keep a 1 MiB/s job busy.
-fn big_disk() -> Vm {
-    let dir = integration::WorkDir::new();
-    let img = dir.join("img");
-    std::fs::create_dir(&img).unwrap();
-    let base = img.join("base.qcow2");
-    integration::image::create_qcow2(&base, 64 * 1024 * 1024);
-    let builder = integration::QemuBuilder::new().blockdev_chain("vda", &[("base", &base)]);
-    Vm::start(dir, builder)
 }
 
 /// `bulk` bytes of 0x55 at 8 MiB go into s3's frozen layer and as many of
@@ -269,7 +254,7 @@ fn revert_killed_after_the_switch_completes() {
 fn qemu_killed_during(op: &[&str]) {
     // Enough data that the job at 1 MiB/s is still running when QEMU dies
     // (an active commit copies its first 16 MiB at once).
-    let mut vm = three_snapshots_on(big_disk(), 24 * 1024 * 1024);
+    let mut vm = three_snapshots_on(Vm::one_disk(None), 24 * 1024 * 1024);
     let mut args: Vec<&str> = op.to_vec();
     args.extend(["--bandwidth", "1M"]);
     let mut merge = vm.snapctl.args(args).spawn();
@@ -347,7 +332,7 @@ fn revert_on_a_no_reboot_qemu_is_recorded_and_restartable() {
 fn create_on_a_full_filesystem_fails_cleanly() {
     let mut vm = Vm::two_disks();
     vm.snapctl.args(["init"]).ok();
-    let full = util::Tmpfs::mount(vm.dir.join("full"), "4k");
+    let full = Tmpfs::mount(vm.dir.join("full"), "4k");
     let record = vm.snapctl.record_bytes();
     let graph = vm.monitor.block_state();
     let overlay = full.path.join("vda.s1.qcow2");
@@ -429,7 +414,7 @@ fn pull_killed_after_starting_its_job() {
 fn commit_onto_a_full_filesystem_fails_cleanly() {
     let mut vm = Vm::two_disks();
     vm.snapctl.args(["init"]).ok();
-    let full = util::Tmpfs::mount(vm.dir.join("full"), "1M");
+    let full = Tmpfs::mount(vm.dir.join("full"), "1M");
     let on_full = full.path.join("vda.s1.qcow2");
     let mut arg = std::ffi::OsString::from("vda=");
     arg.push(&on_full);

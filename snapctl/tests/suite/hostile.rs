@@ -4,15 +4,13 @@
 //! is one clear line on stderr, and a refused command changes nothing: not the
 //! record (byte for byte), not the image directory, not QEMU's graph.
 
-mod util;
-
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::util::{VM, Vm, dir_listing, mode_of};
 use serde_json::{Value, json};
-use util::{Vm, dir_listing, mode_of};
 
 /// A path outside every work directory, unique to this process and `what`.
 fn outside(what: &str) -> PathBuf {
@@ -348,7 +346,7 @@ fn state_directory_and_record_are_private() {
         .arg(env!("CARGO_BIN_EXE_snapctl"))
         .arg("--state-dir")
         .arg(vm.snapctl.state_dir())
-        .args(["--vm", util::VM, "--socket"])
+        .args(["--vm", VM, "--socket"])
         .arg(vm.dir.join("sc.sock"))
         .arg("init")
         .status()
