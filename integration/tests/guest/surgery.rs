@@ -179,7 +179,7 @@ pub fn active_commit_while_writing() {
     assert_eq!(disk["frozen"], path_arg(&s2.frozen), "{deleted}");
     assert_eq!(
         disk["merge"],
-        json!({"merge": "commit", "top": path_arg(&s2.overlay), "base": path_arg(&s2.frozen)}),
+        json!({"operation": "commit", "top": path_arg(&s2.overlay), "base": path_arg(&s2.frozen)}),
         "{deleted}"
     );
     assert_eq!(disk["job"]["command"], "block-commit", "{deleted}");
@@ -248,7 +248,7 @@ pub fn delete_middle_snapshot_while_running() {
     let disk = deleted_disk(&deleted, "s2");
     assert_eq!(disk["job"]["active"], false, "{deleted}");
     let merge = &disk["merge"];
-    let s3_image = match merge["merge"].as_str() {
+    let s3_image = match merge["operation"].as_str() {
         Some("commit") => {
             assert_eq!(merge["top"], path_arg(&s2.overlay), "{deleted}");
             assert_eq!(merge["base"], path_arg(&s2.frozen), "{deleted}");
