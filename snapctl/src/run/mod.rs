@@ -179,7 +179,10 @@ pub struct Session {
     client: Option<Client>,
     socket: Option<PathBuf>,
     qga: Option<PathBuf>,
+    /// QEMU's graph and the guest's run state, read once and forgotten when an
+    /// operation changes them.
     live: Option<LiveGraph>,
+    running: Option<bool>,
 }
 
 impl Session {
@@ -204,6 +207,7 @@ impl Session {
             socket,
             qga,
             live: None,
+            running: None,
         })
     }
 
@@ -256,6 +260,7 @@ impl Session {
         }
         let lines = recover::recover(self.client.as_ref(), &self.lock, &mut self.record).await?;
         self.live = None;
+        self.running = None;
         if let Some(entry) = self.record.journal.first() {
             return Err(Error::Refused(format!(
                 "an interrupted {} (pid {}) left unfinished work: run snapctl check --repair",
@@ -270,6 +275,7 @@ impl Session {
     pub async fn repair_journal(&mut self) -> Result<Vec<String>> {
         let lines = recover::recover(self.client.as_ref(), &self.lock, &mut self.record).await?;
         self.live = None;
+        self.running = None;
         Ok(lines)
     }
 
@@ -310,11 +316,18 @@ impl Session {
         &mut self.record
     }
 
+    /// Whether the guest's CPUs run (`None` when QEMU does not), read once.
+    async fn run_state(&mut self) -> Result<Option<bool>> {
+        if self.running.is_none()
+            && let Some(c) = &self.client
+        {
+            self.running = Some(vm_running(c).await?);
+        }
+        Ok(self.running)
+    }
+
     async fn facts<'h>(&'h mut self, host: &'h dyn Host) -> Result<Facts<'h>> {
-        let running = match &self.client {
-            Some(c) => Some(vm_running(c).await?),
-            None => None,
-        };
+        let running = self.running;
         Ok(Facts {
             live: self.live().await?,
             running,
@@ -335,6 +348,7 @@ impl Session {
 
     /// Plans a revert to `name`; with `paused` a live revert leaves the guest paused.
     pub async fn plan_revert(&mut self, name: &str, paused: bool) -> Result<Plan> {
+        self.run_state().await?;
         let record = self.record.clone();
         let facts = self.facts(&HostFiles).await?;
         plan::revert::plan(&record, &facts, name, paused)
@@ -387,10 +401,12 @@ impl Session {
         {
             refuse_running_jobs(c).await?;
         }
-        let was_running = match &self.client {
-            Some(c) => vm_running(c).await?,
-            None => false,
-        };
+        // Only a plan that stops the guest needs to know whether it ran.
+        let stops = plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, plan::Step::Qmp { command, .. } if command == "stop"));
+        let was_running = stops && self.run_state().await? == Some(true);
         let mut agent = match &plan.operation {
             Operation::Create(c) if c.quiesce => Some(self.connect_agent().await?),
             _ => None,
@@ -414,6 +430,7 @@ impl Session {
             ))),
         };
         self.live = None;
+        self.running = None;
         if result.is_err() && matches!(plan.operation, Operation::Create(_)) {
             // Nothing was changed in QEMU or on disk: neither is the record,
             // not even the registration this create would have added.
