@@ -4,11 +4,10 @@
 //! unchanged. A `transaction` whose reply was lost may still have happened:
 //! QEMU's graph decides.
 
-use qmp_client::{Client, GuestAgent};
+use qmp_client::GuestAgent;
 
-use super::{Context, Outcome};
+use super::{Context, Outcome, overlays_active};
 use crate::error::Result;
-use crate::graph;
 use crate::operation::{Create, Operation};
 use crate::plan::Step;
 use crate::plan::create::apply;
@@ -30,7 +29,7 @@ pub(crate) async fn run<'a>(
     // The transaction may have happened even though we saw an error
     // (timeout after sending, connection lost): look before undoing.
     let happened = match ctx.client {
-        Some(c) if failure.error.result_unknown() => switched(c, op).await,
+        Some(c) if failure.error.result_unknown() => overlays_active(c, op).await,
         _ => false,
     };
     if failure.switched || happened {
@@ -42,17 +41,4 @@ pub(crate) async fn run<'a>(
     }
     begun.exec.rollback().await;
     ctx.abandon(&begun, failure.error)
-}
-
-/// Whether every disk of the create now has its overlay as root.
-pub(crate) async fn switched(client: &Client, op: &Create) -> bool {
-    match graph::read(client).await {
-        Ok(g) => op.disks.iter().all(|d| {
-            g.disks
-                .get(&d.disk)
-                .and_then(|disk| disk.active())
-                .is_some_and(|a| a.node == d.overlay_node)
-        }),
-        Err(_) => false,
-    }
 }

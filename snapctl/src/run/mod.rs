@@ -581,6 +581,20 @@ pub async fn connect_if_running(
     }
 }
 
+/// Whether every disk of a create now writes its new overlay (the
+/// transaction happened), judging by QEMU's graph.
+async fn overlays_active(client: &Client, op: &crate::operation::Create) -> bool {
+    match graph::read(client).await {
+        Ok(g) => op.disks.iter().all(|d| {
+            g.disks
+                .get(&d.disk)
+                .and_then(|disk| disk.active())
+                .is_some_and(|a| a.node == d.overlay_node)
+        }),
+        Err(_) => false,
+    }
+}
+
 /// Whether the guest's CPUs run.
 async fn vm_running(client: &Client) -> Result<bool> {
     let status = client.execute_raw("query-status", Value::Null).await?;

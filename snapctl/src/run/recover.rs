@@ -103,7 +103,7 @@ fn release(nodes: impl IntoIterator<Item = String>) -> Vec<Step> {
 }
 
 async fn recover_create(client: &Client, record: &mut Record, op: &Create) -> Result<String> {
-    if super::create::switched(client, op).await {
+    if super::overlays_active(client, op).await {
         plan::create::apply(record, op);
         return Ok(format!(
             "completed the interrupted create of {}: QEMU already writes its overlays",
