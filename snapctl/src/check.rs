@@ -18,7 +18,7 @@ use crate::record::Record;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Drift {
     /// A stable keyword: `active-image`, `missing-file`, `backing`, `format`,
-    /// `missing-disk`, `job-running`, `journal`.
+    /// `missing-disk`, `unmanaged-disk`, `job-running`, `journal`.
     pub kind: &'static str,
     pub disk: Option<String>,
     pub message: String,
@@ -57,6 +57,23 @@ pub fn drifts(record: &Record, live: Option<&LiveGraph>, jobs: &[RunningJob]) ->
                 kind: "job-running",
                 disk: None,
                 message: format!("QEMU runs job {} ({}, {})", job.id, job.kind, job.status),
+            });
+        }
+    }
+    for disk in live.iter().flat_map(|g| g.disks.values()) {
+        if disk.snapshottable() && !record.disks.contains_key(&disk.id) {
+            let why = if disk.anonymous {
+                "it has no id= (give its -device one, then snapctl init)"
+            } else {
+                "run snapctl init to add it"
+            };
+            out.push(Drift {
+                kind: "unmanaged-disk",
+                disk: Some(disk.id.clone()),
+                message: format!(
+                    "QEMU has writable disk {} that snapshots do not cover: {why}",
+                    disk.id
+                ),
             });
         }
     }

@@ -101,13 +101,17 @@ pub enum Command {
     },
 
     /// Make a snapshot's state current: a fresh overlay on its frozen images. With QEMU
-    /// running the guest is reset onto it; with QEMU stopped, restart it with qemu-args.
+    /// running the guest is reset onto it (and keeps running, or stays paused, as it was);
+    /// with QEMU stopped, restart it with qemu-args.
     Revert {
         /// The snapshot.
         name: String,
-        /// Leave the VM paused after the switch (live revert).
-        #[arg(long)]
+        /// Leave the guest paused after a live revert.
+        #[arg(long, conflicts_with = "running")]
         paused: bool,
+        /// Continue the guest after a live revert, even if it was paused.
+        #[arg(long)]
+        running: bool,
         /// Print the plan and change nothing.
         #[arg(long)]
         dry_run: bool,

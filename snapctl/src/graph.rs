@@ -49,6 +49,9 @@ pub struct LiveDisk {
     pub removable: bool,
     /// Whether the device itself is read-only (its root node is).
     pub read_only: bool,
+    /// The device was given without `id=`: QEMU names it by a QOM path that a
+    /// restart may change, so snapctl cannot follow it (`id` is that path).
+    pub anonymous: bool,
     /// Active image first, base last. Empty when no medium is inserted.
     pub chain: Vec<LiveLayer>,
 }
@@ -182,16 +185,22 @@ fn is_protocol(driver: &str) -> bool {
     )
 }
 
-/// The qdev id in a `query-block` `qdev` path: `/machine/peripheral/vda/virtio-backend`
-/// → `vda`; devices without an id (`/machine/peripheral-anon/…`) have none.
-fn qdev_id(qdev: &str) -> Option<String> {
+/// How a disk is named from a `query-block` `qdev` path: the qdev id
+/// (`/machine/peripheral/vda/virtio-backend` → `vda`), or, for a device given
+/// without `id=` (`/machine/peripheral-anon/device[1]/virtio-backend`), the
+/// device's QOM path, `/machine/peripheral-anon/device[1]`, marked anonymous.
+fn qdev_id(qdev: &str) -> Option<(String, bool)> {
     if let Some(rest) = qdev.strip_prefix("/machine/peripheral/") {
-        return rest.split('/').next().map(str::to_owned);
+        return rest.split('/').next().map(|id| (id.to_owned(), false));
+    }
+    if let Some(rest) = qdev.strip_prefix("/machine/peripheral-anon/") {
+        let device = rest.split('/').next()?;
+        return Some((format!("/machine/peripheral-anon/{device}"), true));
     }
     if qdev.starts_with('/') {
         return None;
     }
-    Some(qdev.to_owned())
+    Some((qdev.to_owned(), false))
 }
 
 /// Reads the live graph. Three QMP round trips, issued concurrently.
@@ -289,7 +298,7 @@ fn assemble(blocks: Vec<BlockInfo>, nodes: Vec<NodeInfo>, edges: Option<Edges>) 
 
     let mut disks = BTreeMap::new();
     for block in blocks {
-        let Some(id) = block.qdev.as_deref().and_then(qdev_id) else {
+        let Some((id, anonymous)) = block.qdev.as_deref().and_then(qdev_id) else {
             continue;
         };
         let mut chain = Vec::new();
@@ -321,6 +330,7 @@ fn assemble(blocks: Vec<BlockInfo>, nodes: Vec<NodeInfo>, edges: Option<Edges>) 
                 backend: block.device,
                 removable: block.removable,
                 read_only,
+                anonymous,
                 chain,
             },
         );
@@ -402,7 +412,7 @@ mod tests {
     }
 
     #[test]
-    fn chains_by_edges_and_skips_devices_without_id() {
+    fn chains_by_edges_and_names_devices_without_id_by_path() {
         let edges = HashMap::from([(
             ("top".to_string(), "backing".to_string()),
             "base".to_string(),
@@ -413,7 +423,9 @@ mod tests {
         assert_eq!(names, ["top", "base"]);
         assert!(vda.snapshottable());
         assert!(!g.disks["cd0dev"].snapshottable());
-        assert_eq!(g.disks.len(), 2);
+        assert_eq!(g.disks.len(), 3);
+        let anon = &g.disks["/machine/peripheral-anon/device[0]"];
+        assert!(anon.anonymous && !vda.anonymous);
         assert!(
             !g.nodes.contains_key("#block1"),
             "protocol nodes are not layers"
@@ -440,13 +452,14 @@ mod tests {
     #[test]
     fn qdev_ids() {
         assert_eq!(
-            qdev_id("/machine/peripheral/vda/virtio-backend").as_deref(),
-            Some("vda")
+            qdev_id("/machine/peripheral/vda/virtio-backend"),
+            Some(("vda".into(), false))
         );
-        assert_eq!(qdev_id("cd0dev").as_deref(), Some("cd0dev"));
+        assert_eq!(qdev_id("cd0dev"), Some(("cd0dev".into(), false)));
         assert_eq!(
             qdev_id("/machine/peripheral-anon/device[1]/virtio-backend"),
-            None
+            Some(("/machine/peripheral-anon/device[1]".into(), true))
         );
+        assert_eq!(qdev_id("/machine/unattached/device[3]"), None);
     }
 }

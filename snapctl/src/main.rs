@@ -14,6 +14,7 @@ use anyhow::bail;
 use clap::{CommandFactory, Parser};
 use qmp_client::Client;
 use snapctl::operation::Operation;
+use snapctl::plan::revert::RunAfter;
 use snapctl::record::Record;
 use snapctl::{
     CreateOptions, Interrupt, Plan, RunOptions, Session, SessionOptions, Store, check, graph, views,
@@ -237,11 +238,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Revert {
             name,
             paused,
+            running,
             dry_run,
         } => {
             let mut session = open(g, &store, &vm).await?;
             settle(&mut session, *dry_run).await?;
-            let plan = session.plan_revert(name, *paused).await?;
+            let after = match (paused, running) {
+                (true, _) => RunAfter::Paused,
+                (_, true) => RunAfter::Running,
+                _ => RunAfter::Keep,
+            };
+            let plan = session.plan_revert(name, after).await?;
             if *dry_run {
                 output::plan(&plan.steps, g.json)?;
                 return Ok(ExitCode::SUCCESS);
@@ -372,6 +379,19 @@ async fn init(g: &cli::Global, store: &Store, vm: &str) -> anyhow::Result<ExitCo
     let mut session = Session::open(store, vm, &session_options(g)).await?;
     session.running_client()?;
     let added = session.register().await?;
+    let anonymous: Vec<String> = session
+        .live()
+        .await?
+        .iter()
+        .flat_map(|g| g.disks.values())
+        .filter(|d| d.snapshottable() && d.anonymous)
+        .map(|d| d.id.clone())
+        .collect();
+    for id in &anonymous {
+        tracing::warn!(
+            "not registered: writable disk {id} has no id=, so snapctl cannot follow it; give its -device an id=, or leave it out of snapshots with --exclude '{id}'"
+        );
+    }
     if session.record().disks.is_empty() {
         return Err(snapctl::Error::NoWritableDisk { vm: vm.to_owned() }.into());
     }

@@ -136,6 +136,20 @@ pub fn node_name(prefix_hint: &str, disk: &str, snapshot: &str, unique: u64) -> 
     format!("{readable}-{}", base32(hash.finish(), HASH_DIGITS))
 }
 
+/// Whether `node` is the file node of an overlay snapctl added (made by
+/// [`node_name`] with the `sf` hint, always inline in its qcow2 node's
+/// options): it goes with its parent and is never deleted on its own.
+pub fn is_overlay_file_node(node: &str) -> bool {
+    node.starts_with("sf-")
+}
+
+/// Whether the monitor may own `node`, so that `blockdev-del` can remove it:
+/// not a name QEMU made up (`#blockNNN`: owned by a parent or a `-drive`),
+/// not the inline file node of an overlay snapctl added.
+pub fn may_be_monitor_owned(node: &str) -> bool {
+    !node.starts_with('#') && !is_overlay_file_node(node)
+}
+
 /// Longest part of an overlay file name taken from the snapshot name or from the stem,
 /// in bytes; longer parts are cut and disambiguated by a hash.
 const MAX_FILE_NAME_PART: usize = 100;

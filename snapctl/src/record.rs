@@ -655,7 +655,7 @@ impl Record {
     /// Adds a live disk the record does not know yet, with its chain as foreign
     /// layers, attached through `driver` (`init`, and the first `create`).
     pub fn register_disk(&mut self, disk: &LiveDisk, driver: &str) {
-        if self.disks.contains_key(&disk.id) || disk.chain.is_empty() {
+        if self.disks.contains_key(&disk.id) || disk.chain.is_empty() || disk.anonymous {
             return;
         }
         self.adopt_chain(disk);

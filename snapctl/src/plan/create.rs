@@ -252,6 +252,14 @@ fn select<'g>(
             vm: record.vm.clone(),
         });
     }
+    if let Some(anon) = selected.iter().find(|d| d.anonymous) {
+        let node = anon.active().map_or("?", |l| l.node.as_str());
+        return Err(Error::Refused(format!(
+            "disk {0} (node {node}) has no id=, so snapctl cannot follow it across a restart: \
+             give its -device an id= (e.g. id=vdc), or leave it out with --exclude '{0}'",
+            anon.id
+        )));
+    }
     if let Some(id) = opts
         .overlays
         .keys()

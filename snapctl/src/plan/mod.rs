@@ -254,7 +254,7 @@ pub fn commit_job(
         command: "block-commit".into(),
         arguments: with_job_options(arguments, bandwidth),
         active,
-        stale_nodes: nodes[top..base].to_vec(),
+        stale_nodes: releasable(&nodes[top..base]),
     }
 }
 
@@ -278,8 +278,17 @@ pub fn stream_job(
         command: "block-stream".into(),
         arguments: with_job_options(arguments, bandwidth),
         active: false,
-        stale_nodes: nodes[into + 1..base.map_or(nodes.len(), |(b, _)| b)].to_vec(),
+        stale_nodes: releasable(&nodes[into + 1..base.map_or(nodes.len(), |(b, _)| b)]),
     }
+}
+
+/// The nodes of `nodes` that `blockdev-del` can remove once nothing uses them.
+fn releasable(nodes: &[String]) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| names::may_be_monitor_owned(n))
+        .cloned()
+        .collect()
 }
 
 /// Every merge job is finalized and dismissed by snapctl (so several disks

@@ -92,9 +92,28 @@ pub fn apply(record: &mut Record, revert: &Revert) -> Vec<std::path::PathBuf> {
     record.prune()
 }
 
-/// Plans a revert to `name`; live when `facts.live` is QEMU's graph. With
-/// `paused`, a live revert leaves the guest paused.
-pub fn plan(record: &Record, facts: &Facts<'_>, name: &str, paused: bool) -> Result<Plan> {
+/// What a live revert does with the guest afterwards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RunAfter {
+    /// Continue it if it ran before the revert; leave it paused otherwise
+    /// (a guest paused by the user, or never started: `-S`).
+    #[default]
+    Keep,
+    /// Continue it (`--running`).
+    Running,
+    /// Leave it paused (`--paused`).
+    Paused,
+}
+
+/// Plans a revert to `name`; live when `facts.live` is QEMU's graph, leaving
+/// the guest running or paused as `after` says.
+pub fn plan(record: &Record, facts: &Facts<'_>, name: &str, after: RunAfter) -> Result<Plan> {
+    let paused = facts.live.is_some()
+        && match after {
+            RunAfter::Keep => facts.running != Some(true),
+            RunAfter::Running => false,
+            RunAfter::Paused => true,
+        };
     let snapshot = record.snapshot_named(name)?;
     let mut nodes = NodeNames::taken_in(facts.live);
     let mut disks = Vec::new();
@@ -158,14 +177,14 @@ pub fn plan(record: &Record, facts: &Facts<'_>, name: &str, paused: bool) -> Res
                 });
                 backing_node = Some(node);
             }
-            // The old chain's nodes the new one does not stand on. Nodes QEMU
-            // named itself (`#blockNNN`) belong to their parents and go with them.
+            // The old chain's nodes the new one does not stand on, those the
+            // monitor may own; the others go with their parents.
             old_nodes = device
                 .chain
                 .iter()
                 .filter(|l| !target_chain.contains(&l.filename.as_path()))
                 .flat_map(|l| std::iter::once(&l.node).chain(l.file_node.as_ref()))
-                .filter(|n| !n.starts_with('#'))
+                .filter(|n| names::may_be_monitor_owned(n))
                 .cloned()
                 .collect();
         }

@@ -8,6 +8,7 @@ use jiff::Timestamp;
 use serde_json::{Value, json};
 
 use super::create::CreateOptions;
+use super::revert::RunAfter;
 use super::{DirState, Facts, Host, Plan, Step};
 use crate::check::{self, Drift, RunningJob};
 use crate::error::{Error, Result};
@@ -188,6 +189,7 @@ fn live_disk(id: &str, chain: Vec<LiveLayer>) -> LiveDisk {
         backend: String::new(),
         removable: false,
         read_only: false,
+        anonymous: false,
         chain,
     }
 }
@@ -939,7 +941,43 @@ fn plan_revert(
     name: &str,
     paused: bool,
 ) -> Result<Plan> {
-    super::revert::plan(record, &facts(live, host), name, paused)
+    let after = if paused {
+        RunAfter::Paused
+    } else {
+        RunAfter::Keep
+    };
+    super::revert::plan(record, &facts(live, host), name, after)
+}
+
+/// A live revert keeps the guest's run state unless told otherwise: a
+/// paused (or never started, `-S`) guest stays paused; `--running` continues it.
+#[test]
+fn revert_keeps_a_paused_guest_paused_unless_asked_to_run() {
+    let record = linear().build();
+    let live = Live::of(&record).build();
+    let host = FakeHost::new();
+    let paused = Facts {
+        running: Some(false),
+        ..facts(Some(&live), &host)
+    };
+    let cont = |plan: &Plan| {
+        plan.steps
+            .iter()
+            .any(|s| matches!(s, Step::Qmp { command, .. } if command == "cont"))
+    };
+    let kept = super::revert::plan(&record, &paused, "s1", RunAfter::Keep).unwrap();
+    assert!(!cont(&kept), "{:#?}", kept.steps);
+    let Operation::Revert(op) = &kept.operation else {
+        panic!("{kept:?}")
+    };
+    assert!(op.paused);
+    let forced = super::revert::plan(&record, &paused, "s1", RunAfter::Running).unwrap();
+    assert!(cont(&forced), "{:#?}", forced.steps);
+    let running = facts(Some(&live), &host);
+    let stays = super::revert::plan(&record, &running, "s1", RunAfter::Keep).unwrap();
+    assert!(cont(&stays), "{:#?}", stays.steps);
+    let held = super::revert::plan(&record, &running, "s1", RunAfter::Paused).unwrap();
+    assert!(!cont(&held), "{:#?}", held.steps);
 }
 
 fn overlay_add(node: &str, file: &str, path: &str, backing: &str) -> Step {
@@ -1167,7 +1205,7 @@ fn revert_offline_writes_the_overlay_and_records_it() {
         Operation::Revert(Revert {
             snapshot: "s2".into(),
             live: false,
-            paused: true,
+            paused: false,
             disks: vec![DiskRevert {
                 disk: "vda".into(),
                 frozen: p("/img/vda.s1.qcow2"),

@@ -35,8 +35,6 @@ const SWITCHES: [&str; 3] = ["transaction", "qom-set", "job-finalize"];
 #[derive(Debug)]
 pub(crate) struct Failure {
     pub error: Error,
-    /// The step that failed.
-    pub step: Step,
     /// A switching step had succeeded before: nothing may be undone.
     pub switched: bool,
     /// The record step had run (the record holds the operation's result).
@@ -120,11 +118,9 @@ impl<'a> Executor<'a> {
                 self.step(&steps[i], record).await
             };
             if let Err(error) = result {
-                let step = steps[i].clone();
                 self.thaw_if_frozen().await;
                 return Err(Failure {
                     error,
-                    step,
                     switched: self.switched,
                     recorded: self.recorded,
                 });

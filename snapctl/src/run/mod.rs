@@ -171,6 +171,7 @@ impl Host for HostFiles {
 /// One VM, locked for this session: its record, its QEMU when it runs.
 #[derive(Debug)]
 pub struct Session {
+    store: Store,
     lock: VmLock,
     record: Record,
     /// The record file as the session found it (`None`: there was none); a
@@ -200,6 +201,7 @@ impl Session {
         };
         let qga = options.qga.clone().or_else(|| record.qga_socket.clone());
         Ok(Session {
+            store: store.clone(),
             lock,
             record,
             before,
@@ -288,13 +290,19 @@ impl Session {
             Some(g) => g.clone(),
             None => return Ok(Vec::new()),
         };
+        let new: Vec<&crate::graph::LiveDisk> = live
+            .disks
+            .values()
+            .filter(|d| d.snapshottable() && !d.anonymous && !self.record.disks.contains_key(&d.id))
+            .collect();
+        if !new.is_empty() {
+            self.refuse_registered_elsewhere(&live)?;
+        }
         let mut added = Vec::new();
-        for disk in live.disks.values().filter(|d| d.snapshottable()) {
-            if !self.record.disks.contains_key(&disk.id) {
-                let driver = graph::device_driver(&client, &disk.id).await?;
-                self.record.register_disk(disk, &driver);
-                added.push(disk.id.clone());
-            }
+        for disk in new {
+            let driver = graph::device_driver(&client, &disk.id).await?;
+            self.record.register_disk(disk, &driver);
+            added.push(disk.id.clone());
         }
         if let Some(socket) = &self.socket {
             self.record.qmp_socket = Some(absolute(socket)?);
@@ -303,6 +311,47 @@ impl Session {
             self.record.qga_socket = Some(absolute(qga)?);
         }
         Ok(added)
+    }
+
+    /// One QEMU, one record: refuses when another VM's record has the same
+    /// QMP socket or knows an image this QEMU writes (two records of one
+    /// QEMU would each change the chains under the other).
+    fn refuse_registered_elsewhere(&self, live: &LiveGraph) -> Result<()> {
+        let socket = match &self.socket {
+            Some(s) => Some(absolute(s)?),
+            None => None,
+        };
+        let written: Vec<&Path> = live
+            .disks
+            .values()
+            .filter_map(|d| d.active())
+            .map(|l| l.filename.as_path())
+            .collect();
+        for vm in self.store.list_vms()? {
+            if vm == self.record.vm {
+                continue;
+            }
+            let Ok(Some(other)) = self.store.peek(&vm) else {
+                continue;
+            };
+            let same_socket = socket.is_some() && other.qmp_socket == socket;
+            let shared = written.iter().find(|p| other.layers.contains_key(**p));
+            if same_socket || shared.is_some() {
+                let why = match shared {
+                    Some(image) if !same_socket => {
+                        format!(
+                            "its record knows {}, which this QEMU writes",
+                            image.display()
+                        )
+                    }
+                    _ => "same QMP socket".to_owned(),
+                };
+                return Err(Error::Refused(format!(
+                    "this QEMU is already registered as vm {vm} ({why}): use --vm {vm}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Saves the record as the session holds it.
@@ -346,12 +395,13 @@ impl Session {
         plan::create::plan(&record, &facts, opts)
     }
 
-    /// Plans a revert to `name`; with `paused` a live revert leaves the guest paused.
-    pub async fn plan_revert(&mut self, name: &str, paused: bool) -> Result<Plan> {
+    /// Plans a revert to `name`; a live revert leaves the guest running or
+    /// paused as `after` says (by default as it was).
+    pub async fn plan_revert(&mut self, name: &str, after: plan::revert::RunAfter) -> Result<Plan> {
         self.run_state().await?;
         let record = self.record.clone();
         let facts = self.facts(&HostFiles).await?;
-        plan::revert::plan(&record, &facts, name, paused)
+        plan::revert::plan(&record, &facts, name, after)
     }
 
     /// Plans deleting `name` (only the name with `metadata_only`).
@@ -466,9 +516,9 @@ impl Session {
         self.run(&plan, options).await
     }
 
-    /// Reverts to snapshot `name` (the guest continues afterwards).
+    /// Reverts to snapshot `name` (a guest that ran continues afterwards).
     pub async fn revert(&mut self, name: &str, options: &RunOptions) -> Result<Outcome> {
-        let plan = self.plan_revert(name, false).await?;
+        let plan = self.plan_revert(name, plan::revert::RunAfter::Keep).await?;
         self.run(&plan, options).await
     }
 

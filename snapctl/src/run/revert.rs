@@ -41,13 +41,13 @@ pub(crate) async fn run(mut ctx: Context<'_>, op: &Revert, steps: &[Step]) -> Re
         begun.exec.rollback().await;
         return ctx.abandon(&begun, failure.error);
     }
-    let at_reset = matches!(&failure.step, Step::Qmp { command, .. } if command == "system_reset" || command == "cont");
-    if !(failure.recorded && at_reset && failure.error.qemu_gone()) {
+    if !(failure.recorded && failure.error.qemu_gone()) {
         // Switched but not finished: the journal entry stays for recovery.
         return Err(failure.error);
     }
-    // QEMU started with -no-reboot exits instead of resetting: the revert is
-    // complete; what is left is removing the files nothing needs.
+    // QEMU went away after the switch was recorded: started with -no-reboot,
+    // it exits at the reset instead of resetting. The revert is complete; what
+    // is left is removing the files nothing needs.
     let removals: Vec<Step> = steps
         .iter()
         .filter(|s| matches!(s, Step::RemoveFile { .. }))

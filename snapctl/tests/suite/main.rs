@@ -12,6 +12,7 @@
 //! |---|---|
 //! | [`cli`] | `init`, `create`, `list`, `show`, `chain`, `check`, `qemu-args`; refusals that change nothing |
 //! | [`concurrency`] | several snapctl processes on one VM at once |
+//! | [`disks`] | which disks a snapshot covers (a `-device` without `id=`), one record per QEMU |
 //! | [`dry_run`] | what runs is what `--dry-run` printed, step for step, live and offline |
 //! | [`faults`] | snapctl or QEMU killed mid-operation, full filesystems; recovery on the next run |
 //! | [`hostile`] | hand-edited records, hostile names, planted symlinks, permissions |
@@ -21,6 +22,7 @@
 
 mod cli;
 mod concurrency;
+mod disks;
 mod dry_run;
 mod faults;
 mod hostile;

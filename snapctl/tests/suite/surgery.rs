@@ -255,9 +255,13 @@ fn revert_live_to_ancestor_and_to_other_branch() {
     let old = chains(&vm);
     let frozen = frozen_images(&vm);
     let frozen_digests = digests(frozen.values());
-    vm.snapctl.args(["revert", "s1"]).ok();
+    vm.snapctl.args(["revert", "s1", "--running"]).ok();
     history.reverted("s1");
-    assert_eq!(vm.monitor.run_state(), "running", "revert continues the VM");
+    assert_eq!(
+        vm.monitor.run_state(),
+        "running",
+        "revert --running continues the VM"
+    );
     assert_reverted_to(&vm, "s1", &old);
     for (disk, chain) in &old {
         assert!(
@@ -288,7 +292,11 @@ fn revert_live_to_ancestor_and_to_other_branch() {
     let frozen_digests = digests(frozen.values());
     vm.snapctl.args(["revert", "s3"]).ok();
     history.reverted("s3");
-    assert_eq!(vm.monitor.run_state(), "running", "revert continues the VM");
+    assert_eq!(
+        vm.monitor.run_state(),
+        "running",
+        "revert keeps a running VM running"
+    );
     assert_reverted_to(&vm, "s3", &old);
     for (disk, chain) in &old {
         assert!(
@@ -353,11 +361,18 @@ fn revert_paused_stays_paused() {
     assert_live_consistent(&mut vm, "revert s1 --paused");
     reads.expect(&mut vm, "after revert s1 --paused", &history);
 
-    // Without --paused a revert continues the VM, even one it found paused.
+    // Without a flag a revert keeps the run state it found: paused stays paused.
     vm.snapctl.args(["revert", "s2"]).ok();
     history.reverted("s2");
-    assert_eq!(vm.monitor.run_state(), "running", "revert without --paused");
+    let status = vm.monitor.ok("query-status", Value::Null);
+    assert_eq!(status["running"], false, "revert of a paused VM: {status}");
     reads.expect(&mut vm, "after revert s2", &history);
+
+    // --running continues a VM it found paused.
+    vm.snapctl.args(["revert", "s1", "--running"]).ok();
+    history.reverted("s1");
+    assert_eq!(vm.monitor.run_state(), "running", "revert --running");
+    reads.expect(&mut vm, "after revert s1 --running", &history);
 
     vm.quit();
     reads.assert_ok(&vm);
