@@ -409,7 +409,6 @@ async fn create(
     // Bad names fail before anything is opened.
     snapctl::names::validate_snapshot_name(&args.name)?;
     let mut session = Session::open(store, vm, &session_options(g)).await?;
-    session.running_client()?;
     if session.is_registered() {
         settle(&mut session, args.dry_run).await?;
     }

@@ -75,12 +75,17 @@ impl Operation {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// One disk's part of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSnapshot {
     pub disk: String,
     /// The current active image, frozen by the snapshot.
     pub frozen: PathBuf,
+    /// Its node in QEMU (empty for a snapshot taken with QEMU stopped).
     pub frozen_node: String,
     pub frozen_format: String,
     /// The new active image.
@@ -94,6 +99,10 @@ pub struct DiskSnapshot {
 /// `create`: an external snapshot of several disks at once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Create {
+    /// QEMU runs: overlays are switched in by one `transaction`; otherwise
+    /// they are only written and recorded, for QEMU's next start.
+    #[serde(default = "yes")]
+    pub live: bool,
     pub name: String,
     pub description: Option<String>,
     pub parent: Option<String>,

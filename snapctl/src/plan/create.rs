@@ -67,21 +67,23 @@ pub fn steps(create: &Create) -> Vec<Step> {
             size: d.virtual_size,
         })
         .collect();
-    steps.extend(create.disks.iter().map(|d| {
-        Step::qmp(
-            "blockdev-add",
-            overlay_blockdev(&d.overlay_node, &d.file_node, &d.overlay, None),
-        )
-    }));
-    let agent = |command: &str| Step::GuestAgent {
-        command: command.into(),
-    };
-    if create.quiesce {
-        steps.push(agent("guest-fsfreeze-freeze"));
-    }
-    steps.push(Step::qmp("transaction", transaction(create)));
-    if create.quiesce {
-        steps.push(agent("guest-fsfreeze-thaw"));
+    if create.live {
+        steps.extend(create.disks.iter().map(|d| {
+            Step::qmp(
+                "blockdev-add",
+                overlay_blockdev(&d.overlay_node, &d.file_node, &d.overlay, None),
+            )
+        }));
+        let agent = |command: &str| Step::GuestAgent {
+            command: command.into(),
+        };
+        if create.quiesce {
+            steps.push(agent("guest-fsfreeze-freeze"));
+        }
+        steps.push(Step::qmp("transaction", transaction(create)));
+        if create.quiesce {
+            steps.push(agent("guest-fsfreeze-thaw"));
+        }
     }
     steps.push(Step::Record {
         change: format!(
@@ -123,21 +125,20 @@ pub fn apply(record: &mut Record, create: &Create) {
 }
 
 /// Plans `create` on a record that already holds every disk to snapshot
-/// (see [`Record::register_disk`]). Needs QEMU's graph.
+/// (see [`Record::register_disk`]). With QEMU running the overlays are
+/// switched in live; with QEMU stopped they are written on the recorded
+/// active images, for QEMU's next start (`qemu-args`).
 pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<Plan> {
     names::validate_snapshot_name(&opts.name)?;
-    let graph = facts.live.ok_or_else(|| {
-        Error::Refused(format!(
-            "vm {} is not running: create needs QEMU (start it with `snapctl qemu-args`)",
-            record.vm
-        ))
-    })?;
     if record.snapshot(&opts.name).is_some() {
         return Err(Error::SnapshotExists {
             vm: record.vm.clone(),
             name: opts.name.clone(),
         });
     }
+    let Some(graph) = facts.live else {
+        return plan_offline(record, facts, opts);
+    };
     let selected = select(record, graph, opts)?;
     let mut nodes = NodeNames::taken_in(Some(graph));
     let mut overlay_paths = Vec::new();
@@ -154,18 +155,7 @@ pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<
                 recorded.active.display()
             )));
         }
-        let overlay = match opts.overlays.get(&disk.id) {
-            Some(path) => std::path::absolute(path).map_err(|source| Error::Io {
-                action: "resolve",
-                path: path.to_owned(),
-                source,
-            })?,
-            None => active
-                .filename
-                .parent()
-                .unwrap_or(Path::new("/"))
-                .join(names::overlay_file_name(&disk.id, &opts.name)),
-        };
+        let overlay = overlay_path(opts, &disk.id, &active.filename)?;
         check_overlay_path(facts, &overlay)?;
         if overlay_paths.contains(&overlay) {
             return Err(Error::OverlayPath {
@@ -186,6 +176,7 @@ pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<
         });
     }
     let create = Create {
+        live: true,
         name: opts.name.clone(),
         description: opts.description.clone(),
         parent: record.current.clone(),
@@ -197,6 +188,118 @@ pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<
         steps: steps(&create),
         operation: Operation::Create(create),
     })
+}
+
+/// Plans `create` with QEMU stopped: an overlay on each recorded disk's
+/// active image, written and recorded; QEMU starts on them next time.
+fn plan_offline(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<Plan> {
+    if opts.quiesce {
+        return Err(Error::Refused(format!(
+            "vm {} is not running: --quiesce needs its guest agent",
+            record.vm
+        )));
+    }
+    if record.disks.is_empty() {
+        return Err(Error::Refused(format!(
+            "vm {} is not registered and not running: start QEMU and run snapctl init",
+            record.vm
+        )));
+    }
+    let known = || record.disks.keys().cloned().collect::<Vec<_>>().join(", ");
+    for id in opts
+        .disks
+        .iter()
+        .chain(&opts.exclude)
+        .chain(opts.overlays.keys())
+    {
+        if !record.disks.contains_key(id) {
+            return Err(Error::UnknownDisk {
+                vm: record.vm.clone(),
+                disk: id.clone(),
+                known: known(),
+            });
+        }
+    }
+    let mut disks = Vec::new();
+    for (id, disk) in &record.disks {
+        let chosen = opts.disks.is_empty() || opts.disks.contains(id);
+        if !chosen || opts.exclude.contains(id) {
+            continue;
+        }
+        let frozen = &disk.active;
+        let virtual_size = record
+            .layers
+            .get(frozen)
+            .and_then(|l| l.virtual_size)
+            .or_else(|| facts.host.virtual_size(frozen))
+            .ok_or_else(|| {
+                Error::Drift(format!(
+                    "the size of {} cannot be read: run snapctl check",
+                    frozen.display()
+                ))
+            })?;
+        let overlay = overlay_path(opts, id, frozen)?;
+        check_overlay_path(facts, &overlay)?;
+        if disks.iter().any(|d: &DiskSnapshot| d.overlay == overlay) {
+            return Err(Error::OverlayPath {
+                path: overlay,
+                reason: "two disks would share it",
+            });
+        }
+        disks.push(DiskSnapshot {
+            disk: id.clone(),
+            frozen: frozen.clone(),
+            frozen_node: String::new(),
+            frozen_format: record.format_of(frozen).to_owned(),
+            overlay,
+            overlay_node: String::new(),
+            file_node: String::new(),
+            virtual_size,
+        });
+    }
+    if disks.is_empty() {
+        return Err(Error::NoWritableDisk {
+            vm: record.vm.clone(),
+        });
+    }
+    if let Some(id) = opts
+        .overlays
+        .keys()
+        .find(|id| !disks.iter().any(|d| d.disk == **id))
+    {
+        return Err(Error::Refused(format!(
+            "--overlay names {id}, which this snapshot does not cover"
+        )));
+    }
+    let create = Create {
+        live: false,
+        name: opts.name.clone(),
+        description: opts.description.clone(),
+        parent: record.current.clone(),
+        created: facts.now,
+        quiesce: false,
+        disks,
+    };
+    Ok(Plan {
+        steps: steps(&create),
+        operation: Operation::Create(create),
+    })
+}
+
+/// Where disk `id`'s overlay goes: the user's path, or
+/// `<dir of the active image>/<disk>.<snapshot>.qcow2`.
+fn overlay_path(opts: &CreateOptions, id: &str, active: &Path) -> Result<PathBuf> {
+    match opts.overlays.get(id) {
+        Some(path) => std::path::absolute(path).map_err(|source| Error::Io {
+            action: "resolve",
+            path: path.to_owned(),
+            source,
+        }),
+        None => Ok(active
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(names::overlay_file_name(id, &opts.name))),
+    }
 }
 
 /// The disks to snapshot: the chosen ones, or every snapshottable one.

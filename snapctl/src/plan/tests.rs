@@ -483,6 +483,7 @@ fn create_takes_every_writable_disk_by_default() {
     assert_eq!(
         plan.operation,
         Operation::Create(Create {
+            live: true,
             name: "s3".into(),
             description: None,
             parent: Some("s2".into()),
@@ -788,18 +789,66 @@ fn create_refuses_an_invalid_name() {
 }
 
 #[test]
-fn create_needs_qemu() {
+fn create_with_qemu_stopped_writes_overlays_on_the_recorded_active_images() {
     let record = two_disks().build();
     let host = FakeHost::new();
+    let plan =
+        super::create::plan(&record, &facts(None, &host), &CreateOptions::named("s3")).unwrap();
+    let offline = |disk: &str, frozen: &str| DiskSnapshot {
+        frozen_node: String::new(),
+        overlay_node: String::new(),
+        file_node: String::new(),
+        ..disk_snapshot(disk, frozen, "qcow2", "s3")
+    };
+    assert_eq!(
+        plan.operation,
+        Operation::Create(Create {
+            live: false,
+            name: "s3".into(),
+            description: None,
+            parent: Some("s2".into()),
+            created: now(),
+            quiesce: false,
+            disks: vec![
+                offline("vda", "/img/vda.s2.qcow2"),
+                offline("vdb", "/img/vdb.s2.qcow2"),
+            ],
+        })
+    );
+    assert_eq!(
+        plan.steps,
+        vec![
+            create_overlay("/img/vda.s3.qcow2", "/img/vda.s2.qcow2", "qcow2", GIB),
+            create_overlay("/img/vdb.s3.qcow2", "/img/vdb.s2.qcow2", "qcow2", GIB),
+            record_step("add snapshot s3 (2 disks), now current"),
+        ]
+    );
+}
+
+#[test]
+fn create_with_qemu_stopped_needs_a_registered_vm_and_no_quiesce() {
+    let host = FakeHost::new();
     let err = refused(super::create::plan(
-        &record,
+        &Record::new("vm1"),
         &facts(None, &host),
         &CreateOptions::named("s3"),
     ));
-    assert!(matches!(err, Error::Refused(_)), "{err:?}");
     assert_eq!(
         err.to_string(),
-        "vm vm1 is not running: create needs QEMU (start it with `snapctl qemu-args`)"
+        "vm vm1 is not registered and not running: start QEMU and run snapctl init"
+    );
+    let quiesced = CreateOptions {
+        quiesce: true,
+        ..CreateOptions::named("s3")
+    };
+    let err = refused(super::create::plan(
+        &two_disks().build(),
+        &facts(None, &host),
+        &quiesced,
+    ));
+    assert_eq!(
+        err.to_string(),
+        "vm vm1 is not running: --quiesce needs its guest agent"
     );
 }
 

@@ -1,5 +1,6 @@
 //! Running a create: the steps of [`crate::plan::create`], and what a failure
-//! means for it. Before the `transaction` everything is undone (the nodes
+//! means for it. With QEMU stopped the overlays are only written and recorded,
+//! after making sure no process holds the images they freeze. Before the `transaction` everything is undone (the nodes
 //! added, the files written), so nothing is left behind and the record is
 //! unchanged. A `transaction` whose reply was lost may still have happened:
 //! QEMU's graph decides.
@@ -7,7 +8,8 @@
 use qmp_client::GuestAgent;
 
 use super::{Context, Outcome, overlays_active};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::images;
 use crate::operation::{Create, Operation};
 use crate::plan::Step;
 use crate::plan::create::apply;
@@ -18,6 +20,17 @@ pub(crate) async fn run<'a>(
     steps: &[Step],
     agent: Option<&'a mut GuestAgent>,
 ) -> Result<Outcome> {
+    if op.live != ctx.client.is_some() {
+        return Err(Error::Drift(
+            "QEMU started or stopped since the snapshot was planned: plan it again".into(),
+        ));
+    }
+    if !op.live {
+        // With QEMU stopped, nothing may be writing the images being frozen.
+        for d in &op.disks {
+            images::ensure_unlocked(&d.frozen)?;
+        }
+    }
     ctx.options.interrupt.check()?;
     let operation = Operation::Create(op.clone());
     let (mut begun, result) = ctx

@@ -386,10 +386,14 @@ impl Session {
     }
 
     /// Plans `create` (registering the VM's disks first, in memory).
+    /// With QEMU stopped, a registered VM's snapshot is taken offline.
     pub async fn plan_create(&mut self, opts: &plan::create::CreateOptions) -> Result<Plan> {
         crate::names::validate_snapshot_name(&opts.name)?;
-        self.running_client()?;
-        self.register().await?;
+        if self.client.is_some() {
+            self.register().await?;
+        } else if !self.is_registered() {
+            self.running_client()?;
+        }
         let record = self.record.clone();
         let facts = self.facts(&HostFiles).await?;
         plan::create::plan(&record, &facts, opts)

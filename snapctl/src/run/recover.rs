@@ -56,7 +56,12 @@ pub async fn recover(
             continue;
         }
         let outcome = match (&entry.operation, client) {
-            (Operation::Create(op), Some(c)) => Some(recover_create(c, record, op).await?),
+            (Operation::Create(op), Some(c)) if op.live => {
+                Some(recover_create(c, record, op).await?)
+            }
+            (Operation::Create(op), _) if !op.live => {
+                Some(recover_offline_create(client, record, op).await)
+            }
             (Operation::Revert(op), _) => Some(recover_revert(client, record, op).await?),
             (Operation::Delete(op), _) => Some(recover_delete(client, record, op).await?),
             (Operation::Commit(op) | Operation::Pull(op), _) => {
@@ -127,6 +132,22 @@ async fn recover_create(client: &Client, record: &mut Record, op: &Create) -> Re
         "rolled back the interrupted create of {}: its transaction never happened",
         op.name
     ))
+}
+
+/// A create taken with QEMU stopped is recorded in one step at its end: an
+/// interrupted one never was, so the overlays it wrote go.
+async fn recover_offline_create(client: Option<&Client>, record: &Record, op: &Create) -> String {
+    let files: Vec<_> = op
+        .disks
+        .iter()
+        .filter(|d| !record.layers.contains_key(&d.overlay))
+        .map(|d| d.overlay.clone())
+        .collect();
+    run_steps(client, &removals(files).collect::<Vec<_>>()).await;
+    format!(
+        "rolled back the interrupted create of {} (taken with QEMU stopped): its overlays are removed",
+        op.name
+    )
 }
 
 async fn recover_revert(

@@ -16,6 +16,7 @@
 //! | [`dry_run`] | what runs is what `--dry-run` printed, step for step, live and offline |
 //! | [`faults`] | snapctl or QEMU killed mid-operation, full filesystems; recovery on the next run |
 //! | [`hostile`] | hand-edited records, hostile names, planted symlinks, permissions |
+//! | [`offline`] | snapshots taken while QEMU is stopped, and QEMU restarted on them |
 //! | [`jobs`] | `commit`, `pull`, `jobs`, `job` on a one-disk VM |
 //! | [`store`] | the record store against real files: atomic saves, damage, locks |
 //! | [`surgery`] | `revert` and `delete` on a two-disk VM |
@@ -27,6 +28,7 @@ mod dry_run;
 mod faults;
 mod hostile;
 mod jobs;
+mod offline;
 mod store;
 mod surgery;
 mod util;
