@@ -75,6 +75,25 @@ pub enum Command {
         tree: bool,
     },
 
+    /// Print the current snapshot: the one the VM's state descends from.
+    Current,
+
+    /// Set a snapshot's description (an empty TEXT removes it).
+    Describe {
+        /// The snapshot.
+        name: String,
+        /// The new description.
+        text: String,
+    },
+
+    /// Rename a snapshot (the record only: image files keep their names).
+    Rename {
+        /// The snapshot's name now.
+        old: String,
+        /// Its new name.
+        new: String,
+    },
+
     /// Show one snapshot in full, with each disk's frozen image.
     Show {
         /// The snapshot.
@@ -206,6 +225,11 @@ pub struct CreateArgs {
     /// Put DISK's overlay at PATH instead of <dir of active>/<disk>.<NAME>.qcow2.
     #[arg(long = "overlay", value_name = "ID=PATH", value_parser = overlay)]
     pub overlays: Vec<(String, PathBuf)>,
+
+    /// The --overlay files exist already: empty qcow2 images on the disks' active
+    /// images, prepared beforehand; use them as they are.
+    #[arg(long, requires = "overlays")]
+    pub reuse_external: bool,
 
     /// Freeze the guest's filesystems through the guest agent around the snapshot.
     #[arg(long)]

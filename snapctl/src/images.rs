@@ -78,6 +78,29 @@ fn read_info<T: serde::de::DeserializeOwned>(image: &Path, chain: bool) -> Resul
     })
 }
 
+/// Whether `image` itself holds data (clusters of its own, not its backing's):
+/// `qemu-img map` reports every extent with its depth in the chain.
+pub fn holds_data(image: &Path) -> Result<bool> {
+    #[derive(Deserialize)]
+    struct Extent {
+        depth: u64,
+        data: bool,
+    }
+    let out = qemu_img(&[
+        "map".as_ref(),
+        "--output=json".as_ref(),
+        "-U".as_ref(),
+        image.as_os_str(),
+    ])?;
+    let extents: Vec<Extent> = serde_json::from_slice(&out).map_err(|e| {
+        Error::Tool(format!(
+            "unexpected qemu-img map output for {}: {e}",
+            image.display()
+        ))
+    })?;
+    Ok(extents.iter().any(|e| e.depth == 0 && e.data))
+}
+
 /// Runs an image tool exactly as a plan's [`crate::plan::Step::Tool`] says
 /// (`argv[0]` is `qemu-img`), failing with its first line of error output.
 pub fn run_tool(argv: &[String]) -> Result<()> {

@@ -115,6 +115,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output::list(&record, *tree, g.json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Current => {
+            let record = registered(&store, &vm)?;
+            output::current(&record, g.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Describe { name, text } => {
+            let mut session = open(g, &store, &vm).await?;
+            let text = (!text.is_empty()).then(|| text.clone());
+            session.record_mut().describe_snapshot(name, text)?;
+            session.save()?;
+            let snapshot = session.record().snapshot_named(name)?;
+            output::show(session.record(), snapshot, g.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rename { old, new } => {
+            let mut session = open(g, &store, &vm).await?;
+            settle(&mut session, false).await?;
+            session.record_mut().rename_snapshot(old, new)?;
+            session.save()?;
+            let snapshot = session.record().snapshot_named(new)?;
+            output::show(session.record(), snapshot, g.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Show { name } => {
             let record = registered(&store, &vm)?;
             let snapshot = record.snapshot_named(name)?;
@@ -418,6 +441,7 @@ async fn create(
         disks: args.disks.clone(),
         exclude: args.exclude.clone(),
         overlays: args.overlays.iter().cloned().collect(),
+        reuse_external: args.reuse_external,
         quiesce: args.quiesce,
     };
     let plan = session.plan_create(&opts).await?;

@@ -94,6 +94,10 @@ pub struct DiskSnapshot {
     /// The protocol node under the overlay.
     pub file_node: String,
     pub virtual_size: u64,
+    /// The overlay is an empty image the user prepared (`--reuse-external`),
+    /// not one snapctl writes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
 }
 
 /// `create`: an external snapshot of several disks at once.

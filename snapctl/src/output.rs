@@ -106,6 +106,29 @@ fn draw(
     Ok(())
 }
 
+/// `current --json`.
+#[derive(Serialize)]
+struct Current<'a> {
+    vm: &'a str,
+    /// The snapshot the VM's state descends from; null before the first one.
+    current: Option<&'a str>,
+}
+
+pub fn current(record: &Record, as_json: bool) -> io::Result<()> {
+    let current = record.current.as_deref();
+    if as_json {
+        return json(&Current {
+            vm: &record.vm,
+            current,
+        });
+    }
+    let mut out = io::stdout().lock();
+    match current {
+        Some(name) => writeln!(out, "{name}"),
+        None => writeln!(out, "{} has no current snapshot", record.vm),
+    }
+}
+
 pub fn show(record: &Record, s: &Snapshot, as_json: bool) -> io::Result<()> {
     let v = SnapshotView::new(record, s);
     if as_json {

@@ -563,6 +563,40 @@ impl Record {
         }
     }
 
+    /// Renames snapshot `old` to `new` (its children and the current state
+    /// follow; image files keep their names).
+    pub fn rename_snapshot(&mut self, old: &str, new: &str) -> Result<()> {
+        names::validate_snapshot_name(new)?;
+        self.snapshot_named(old)?;
+        if self.snapshot(new).is_some() {
+            return Err(Error::SnapshotExists {
+                vm: self.vm.clone(),
+                name: new.to_owned(),
+            });
+        }
+        for s in &mut self.snapshots {
+            if s.name == old {
+                s.name = new.to_owned();
+            }
+            if s.parent.as_deref() == Some(old) {
+                s.parent = Some(new.to_owned());
+            }
+        }
+        if self.current.as_deref() == Some(old) {
+            self.current = Some(new.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Sets snapshot `name`'s description (`None` removes it).
+    pub fn describe_snapshot(&mut self, name: &str, description: Option<String>) -> Result<()> {
+        self.snapshot_named(name)?;
+        if let Some(s) = self.snapshots.iter_mut().find(|s| s.name == name) {
+            s.description = description;
+        }
+        Ok(())
+    }
+
     /// Drops snapshot `name`: its children now descend from its parent, and so
     /// does the current state if it descended from `name`.
     pub fn remove_snapshot(&mut self, name: &str) {

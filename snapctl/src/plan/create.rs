@@ -27,6 +27,10 @@ pub struct CreateOptions {
     pub exclude: Vec<String>,
     /// Overlay paths chosen by the user, per disk.
     pub overlays: BTreeMap<String, PathBuf>,
+    /// The `overlays` exist already: empty qcow2 images on the disks' active
+    /// images, prepared by the user, used as they are (libvirt's
+    /// `--reuse-external`).
+    pub reuse_external: bool,
     pub quiesce: bool,
 }
 
@@ -60,6 +64,7 @@ pub fn steps(create: &Create) -> Vec<Step> {
     let mut steps: Vec<Step> = create
         .disks
         .iter()
+        .filter(|d| !d.reused)
         .map(|d| Step::CreateOverlay {
             path: d.overlay.clone(),
             backing: d.frozen.display().to_string(),
@@ -156,7 +161,12 @@ pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<
             )));
         }
         let overlay = overlay_path(opts, &disk.id, &active.filename)?;
-        check_overlay_path(facts, &overlay)?;
+        let reused = reuses(opts, &disk.id);
+        if reused {
+            check_reusable(facts, &overlay, &active.filename, active.virtual_size)?;
+        } else {
+            check_overlay_path(facts, &overlay)?;
+        }
         if overlay_paths.contains(&overlay) {
             return Err(Error::OverlayPath {
                 path: overlay,
@@ -173,6 +183,7 @@ pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<
             overlay_node: nodes.fresh("sc", &disk.id, &opts.name),
             file_node: nodes.fresh("sf", &disk.id, &opts.name),
             virtual_size: active.virtual_size,
+            reused,
         });
     }
     let create = Create {
@@ -239,7 +250,12 @@ fn plan_offline(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Res
                 ))
             })?;
         let overlay = overlay_path(opts, id, frozen)?;
-        check_overlay_path(facts, &overlay)?;
+        let reused = reuses(opts, id);
+        if reused {
+            check_reusable(facts, &overlay, frozen, virtual_size)?;
+        } else {
+            check_overlay_path(facts, &overlay)?;
+        }
         if disks.iter().any(|d: &DiskSnapshot| d.overlay == overlay) {
             return Err(Error::OverlayPath {
                 path: overlay,
@@ -255,6 +271,7 @@ fn plan_offline(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Res
             overlay_node: String::new(),
             file_node: String::new(),
             virtual_size,
+            reused,
         });
     }
     if disks.is_empty() {
@@ -373,6 +390,47 @@ fn select<'g>(
         )));
     }
     Ok(selected)
+}
+
+fn reuses(opts: &CreateOptions, disk: &str) -> bool {
+    opts.reuse_external && opts.overlays.contains_key(disk)
+}
+
+/// A prepared overlay is reused only when it is what snapctl would have
+/// written: an empty qcow2 image of the disk's size on the image it freezes.
+fn check_reusable(facts: &Facts<'_>, path: &Path, frozen: &Path, size: u64) -> Result<()> {
+    let refuse = |why: String| {
+        Err(Error::Refused(format!(
+            "--reuse-external: cannot use {}: {why}",
+            path.display()
+        )))
+    };
+    let Some(image) = facts.host.image(path) else {
+        return refuse("it is not a readable image".into());
+    };
+    if image.format != "qcow2" {
+        return refuse(format!("it is {}, not qcow2", image.format));
+    }
+    if image.backing.as_deref() != Some(frozen) {
+        return refuse(format!(
+            "its backing file is {}, not {}",
+            image
+                .backing
+                .as_deref()
+                .map_or_else(|| "none".to_owned(), |b| b.display().to_string()),
+            frozen.display()
+        ));
+    }
+    if image.virtual_size != size {
+        return refuse(format!(
+            "it is {} bytes, the disk {size}",
+            image.virtual_size
+        ));
+    }
+    if image.has_data {
+        return refuse("it already holds data".into());
+    }
+    Ok(())
 }
 
 /// An overlay must be a new file in an existing, writable directory.

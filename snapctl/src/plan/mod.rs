@@ -142,6 +142,20 @@ pub trait Host: Sync {
     fn allocated(&self, path: &Path) -> Option<u64>;
     /// The guest-visible size of the image at `path`, from its header.
     fn virtual_size(&self, path: &Path) -> Option<u64>;
+    /// What the header of an existing image says, for reusing a prepared
+    /// overlay (`--reuse-external`); `None` when it cannot be read.
+    fn image(&self, path: &Path) -> Option<ImageFacts>;
+}
+
+/// An existing image's header, as far as reusing it as an overlay matters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFacts {
+    pub format: String,
+    pub virtual_size: u64,
+    /// The backing file, resolved to a path.
+    pub backing: Option<PathBuf>,
+    /// Whether the image itself holds data (not counting its backing chain).
+    pub has_data: bool,
 }
 
 /// What a directory is, for creating files in it.

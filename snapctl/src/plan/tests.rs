@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::create::CreateOptions;
 use super::revert::RunAfter;
-use super::{DirState, Facts, Host, Plan, Step};
+use super::{DirState, Facts, Host, ImageFacts, Plan, Step};
 use crate::check::{self, Drift, RunningJob};
 use crate::error::{Error, Result};
 use crate::graph::{LiveDisk, LiveGraph, LiveLayer};
@@ -264,6 +264,7 @@ struct FakeHost {
     dirs: BTreeMap<PathBuf, DirState>,
     allocated: BTreeMap<PathBuf, u64>,
     sizes: BTreeMap<PathBuf, u64>,
+    images: BTreeMap<PathBuf, ImageFacts>,
 }
 
 impl FakeHost {
@@ -290,6 +291,13 @@ impl FakeHost {
         self.sizes.insert(p(path), bytes);
         self
     }
+
+    /// An existing image at `path` with this header.
+    fn image(mut self, path: &str, image: ImageFacts) -> FakeHost {
+        self.existing.insert(p(path));
+        self.images.insert(p(path), image);
+        self
+    }
 }
 
 impl Host for FakeHost {
@@ -307,6 +315,10 @@ impl Host for FakeHost {
 
     fn virtual_size(&self, path: &Path) -> Option<u64> {
         self.sizes.get(path).copied()
+    }
+
+    fn image(&self, path: &Path) -> Option<ImageFacts> {
+        self.images.get(path).cloned()
     }
 }
 
@@ -466,6 +478,7 @@ fn disk_snapshot(disk: &str, frozen: &str, format: &str, name: &str) -> DiskSnap
         overlay_node: node_name("sc", disk, name, 0),
         file_node: node_name("sf", disk, name, 0),
         virtual_size: GIB,
+        reused: false,
     }
 }
 
@@ -825,6 +838,94 @@ fn create_with_qemu_stopped_writes_overlays_on_the_recorded_active_images() {
     );
 }
 
+/// `--reuse-external`: a prepared empty overlay on the disk's active image is
+/// used as it is (no header written); anything else is refused, saying why.
+#[test]
+fn create_reuses_a_prepared_overlay_only_when_it_fits() {
+    let record = two_disks().build();
+    let live = Live::of(&record).build();
+    let fits = ImageFacts {
+        format: "qcow2".into(),
+        virtual_size: GIB,
+        backing: Some(p("/img/vda.s2.qcow2")),
+        has_data: false,
+    };
+    let opts = CreateOptions {
+        overlays: [("vda".to_owned(), p("/mine/vda.next.qcow2"))].into(),
+        reuse_external: true,
+        ..CreateOptions::named("s3")
+    };
+    let host = FakeHost::new().image("/mine/vda.next.qcow2", fits.clone());
+    let plan = super::create::plan(&record, &facts(Some(&live), &host), &opts).unwrap();
+    let vda = &create_of(&plan).disks[0];
+    assert!(
+        vda.reused && vda.overlay == p("/mine/vda.next.qcow2"),
+        "{vda:?}"
+    );
+    assert!(!create_of(&plan).disks[1].reused);
+    let written: Vec<&Path> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::CreateOverlay { path, .. } => Some(path.as_path()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(written, [Path::new("/img/vdb.s3.qcow2")]);
+
+    let cases = [
+        (
+            ImageFacts {
+                has_data: true,
+                ..fits.clone()
+            },
+            "it already holds data",
+        ),
+        (
+            ImageFacts {
+                backing: Some(p("/img/vda.s1.qcow2")),
+                ..fits.clone()
+            },
+            "its backing file is /img/vda.s1.qcow2, not /img/vda.s2.qcow2",
+        ),
+        (
+            ImageFacts {
+                format: "raw".into(),
+                ..fits.clone()
+            },
+            "it is raw, not qcow2",
+        ),
+        (
+            ImageFacts {
+                virtual_size: 1,
+                ..fits.clone()
+            },
+            "it is 1 bytes, the disk 1073741824",
+        ),
+    ];
+    for (image, why) in cases {
+        let host = FakeHost::new().image("/mine/vda.next.qcow2", image);
+        let err = refused(super::create::plan(
+            &record,
+            &facts(Some(&live), &host),
+            &opts,
+        ));
+        assert_eq!(
+            err.to_string(),
+            format!("--reuse-external: cannot use /mine/vda.next.qcow2: {why}")
+        );
+    }
+    let err = refused(super::create::plan(
+        &record,
+        &facts(Some(&live), &FakeHost::new()),
+        &opts,
+    ));
+    assert_eq!(
+        err.to_string(),
+        "--reuse-external: cannot use /mine/vda.next.qcow2: it is not a readable image"
+    );
+}
+
 #[test]
 fn create_with_qemu_stopped_needs_a_registered_vm_and_no_quiesce() {
     let host = FakeHost::new();
@@ -935,6 +1036,7 @@ fn create_parent_is_the_current_snapshot_and_none_on_a_fresh_record() {
             overlay_node: node_name("sc", "vda", "first", 0),
             file_node: node_name("sf", "vda", "first", 0),
             virtual_size: GIB,
+            reused: false,
         }]
     );
 }

@@ -166,6 +166,19 @@ impl Host for HostFiles {
     fn virtual_size(&self, path: &Path) -> Option<u64> {
         crate::images::info(path).ok().map(|i| i.virtual_size)
     }
+
+    fn image(&self, path: &Path) -> Option<plan::ImageFacts> {
+        let info = crate::images::info(path).ok()?;
+        let has_data = crate::images::holds_data(path).ok()?;
+        Some(plan::ImageFacts {
+            format: info.format,
+            virtual_size: info.virtual_size,
+            backing: info
+                .backing_path
+                .map(|b| std::path::absolute(&b).unwrap_or(b)),
+            has_data,
+        })
+    }
 }
 
 /// One VM, locked for this session: its record, its QEMU when it runs.

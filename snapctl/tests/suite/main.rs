@@ -10,6 +10,7 @@
 //!
 //! | module | covers |
 //! |---|---|
+//! | [`bookkeeping`] | `current`, `describe`, `rename`, `create --reuse-external` |
 //! | [`cli`] | `init`, `create`, `list`, `show`, `chain`, `check`, `qemu-args`; refusals that change nothing |
 //! | [`concurrency`] | several snapctl processes on one VM at once |
 //! | [`disks`] | which disks a snapshot covers (a `-device` without `id=`), one record per QEMU |
@@ -21,6 +22,7 @@
 //! | [`store`] | the record store against real files: atomic saves, damage, locks |
 //! | [`surgery`] | `revert` and `delete` on a two-disk VM |
 
+mod bookkeeping;
 mod cli;
 mod concurrency;
 mod disks;
