@@ -24,6 +24,28 @@ pub struct Drift {
     pub message: String,
 }
 
+impl Drift {
+    /// What the user can do about it, when snapctl knows.
+    pub fn remedy(&self) -> Option<&'static str> {
+        Some(match self.kind {
+            "active-image" => {
+                "`snapctl check --repair` adopts layers opened on top of the recorded chain; \
+                 `snapctl check --repair --adopt` records QEMU's chain as it is"
+            }
+            "backing" | "format" => {
+                "`snapctl check --repair --adopt` (QEMU running) records QEMU's chain as it is"
+            }
+            "missing-file" => "restore the file: snapctl cannot recreate an image's data",
+            "missing-disk" => "start QEMU on the recorded chains: `snapctl qemu-args`",
+            "job-running" => {
+                "wait for it (`snapctl job wait ID`) or cancel it (`snapctl job cancel ID`)"
+            }
+            "journal" => "`snapctl check --repair` finishes or undoes it",
+            _ => return None,
+        })
+    }
+}
+
 /// A job that QEMU runs (`query-jobs`), as far as `check` cares.
 #[derive(Debug, Clone)]
 pub struct RunningJob {
@@ -176,6 +198,49 @@ fn file_name(p: &Path) -> String {
 
 fn normalize(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+/// Records QEMU's chain of every disk as it is (`check --repair --adopt`):
+/// layers the record lacks are added as foreign, every layer's backing follows
+/// QEMU, the active image too. Layers nothing needs any more leave the record;
+/// their files stay where they are (named in the lines). Returns one line per
+/// change.
+pub fn adopt(record: &mut Record, live: &LiveGraph) -> Vec<String> {
+    let mut changes = Vec::new();
+    let ids: Vec<String> = record.disks.keys().cloned().collect();
+    for id in ids {
+        let Some(disk) = live.disks.get(&id).filter(|d| !d.chain.is_empty()) else {
+            continue;
+        };
+        let live_chain: Vec<&Path> = disk.chain.iter().map(|l| l.filename.as_path()).collect();
+        if record.chain(&id) == live_chain {
+            continue;
+        }
+        record.adopt_chain(disk);
+        for (i, layer) in disk.chain.iter().enumerate() {
+            let below = disk.chain.get(i + 1).map(|b| b.filename.as_path());
+            if let Some(l) = record.layers.get_mut(&layer.filename) {
+                l.backing = below.map(Path::to_path_buf);
+                l.backing_string = layer.backing_string.clone();
+                l.format = layer.format.clone();
+            }
+        }
+        if let Some(d) = record.disks.get_mut(&id) {
+            d.active = disk.chain[0].filename.clone();
+        }
+        let shown: Vec<String> = live_chain.iter().map(|p| p.display().to_string()).collect();
+        changes.push(format!(
+            "{id}: recorded QEMU's chain as it is: {}",
+            shown.join(" <- ")
+        ));
+    }
+    for file in record.prune() {
+        changes.push(format!(
+            "{} is no longer recorded (nothing needs it); the file is kept",
+            file.display()
+        ));
+    }
+    changes
 }
 
 /// Adopts what is unambiguous; returns one line per change.

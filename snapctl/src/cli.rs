@@ -111,6 +111,10 @@ pub enum Command {
         /// Adopt what is unambiguous and say what changed.
         #[arg(long)]
         repair: bool,
+        /// With --repair: record QEMU's chains as they are, whatever the record
+        /// says (after changes made outside snapctl, e.g. a stream by hand).
+        #[arg(long, requires = "repair")]
+        adopt: bool,
     },
 
     /// Print the -blockdev/-device arguments that reopen the current chains.

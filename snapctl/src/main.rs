@@ -165,7 +165,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output::chain(&view, g.json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { repair } => check_cmd(g, &store, &vm, *repair).await,
+        Command::Check { repair, adopt } => check_cmd(g, &store, &vm, *repair, *adopt).await,
         Command::Delete {
             name,
             children,
@@ -479,6 +479,7 @@ async fn check_cmd(
     store: &Store,
     vm: &str,
     repair: bool,
+    adopt: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut session = open(g, store, vm).await?;
     let mut changes = Vec::new();
@@ -499,7 +500,16 @@ async fn check_cmd(
         None => Vec::new(),
     };
     let live = session.live().await?.cloned();
-    if repair {
+    if adopt {
+        let Some(live) = &live else {
+            bail!("--adopt records QEMU's chains: QEMU must be running");
+        };
+        let adopted = check::adopt(session.record_mut(), live);
+        if !adopted.is_empty() {
+            session.save()?;
+        }
+        changes.extend(adopted);
+    } else if repair {
         let adopted = check::repair(session.record_mut(), live.as_ref());
         if !adopted.is_empty() {
             session.save()?;

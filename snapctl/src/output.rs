@@ -319,8 +319,16 @@ struct Checked<'a> {
     qemu_running: bool,
     /// What `--repair` changed, one line each.
     repaired: &'a [String],
-    /// Each drift: `{"kind", "disk", "message"}`.
-    drift: &'a [Drift],
+    /// Each drift: `{"kind", "disk", "message", "remedy"}`.
+    drift: Vec<DriftView<'a>>,
+}
+
+#[derive(Serialize)]
+struct DriftView<'a> {
+    #[serde(flatten)]
+    drift: &'a Drift,
+    /// What to do about it, when snapctl knows.
+    remedy: Option<&'static str>,
 }
 
 pub fn check(drifts: &[Drift], changes: &[String], live: bool, as_json: bool) -> io::Result<()> {
@@ -328,7 +336,13 @@ pub fn check(drifts: &[Drift], changes: &[String], live: bool, as_json: bool) ->
         return json(&Checked {
             qemu_running: live,
             repaired: changes,
-            drift: drifts,
+            drift: drifts
+                .iter()
+                .map(|drift| DriftView {
+                    drift,
+                    remedy: drift.remedy(),
+                })
+                .collect(),
         });
     }
     let mut out = io::stdout().lock();
@@ -337,6 +351,9 @@ pub fn check(drifts: &[Drift], changes: &[String], live: bool, as_json: bool) ->
     }
     for d in drifts {
         writeln!(out, "drift: {}", d.message)?;
+        if let Some(remedy) = d.remedy() {
+            writeln!(out, "  what to do: {remedy}")?;
+        }
     }
     if drifts.is_empty() {
         writeln!(

@@ -10,6 +10,7 @@
 //!
 //! | module | covers |
 //! |---|---|
+//! | [`adopt`] | a chain changed outside snapctl: `check` remedies, `check --repair --adopt` |
 //! | [`bookkeeping`] | `current`, `describe`, `rename`, `create --reuse-external` |
 //! | [`cli`] | `init`, `create`, `list`, `show`, `chain`, `check`, `qemu-args`; refusals that change nothing |
 //! | [`concurrency`] | several snapctl processes on one VM at once |
@@ -22,6 +23,7 @@
 //! | [`store`] | the record store against real files: atomic saves, damage, locks |
 //! | [`surgery`] | `revert` and `delete` on a two-disk VM |
 
+mod adopt;
 mod bookkeeping;
 mod cli;
 mod concurrency;
