@@ -18,7 +18,7 @@ use crate::record::Record;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Drift {
     /// A stable keyword: `active-image`, `missing-file`, `backing`, `format`,
-    /// `missing-disk`, `unmanaged-disk`, `job-running`, `journal`.
+    /// `missing-disk`, `unmanaged-disk`, `missing-memory`, `job-running`, `journal`.
     pub kind: &'static str,
     pub disk: Option<String>,
     pub message: String,
@@ -36,6 +36,9 @@ impl Drift {
                 "`snapctl check --repair --adopt` (QEMU running) records QEMU's chain as it is"
             }
             "missing-file" => "restore the file: snapctl cannot recreate an image's data",
+            "missing-memory" => {
+                "restore the file, or `snapctl delete NAME --metadata-only` to forget the checkpoint"
+            }
             "missing-disk" => "start QEMU on the recorded chains: `snapctl qemu-args`",
             "job-running" => {
                 "wait for it (`snapctl job wait ID`) or cancel it (`snapctl job cancel ID`)"
@@ -95,6 +98,19 @@ pub fn drifts(record: &Record, live: Option<&LiveGraph>, jobs: &[RunningJob]) ->
                 message: format!(
                     "QEMU has writable disk {} that snapshots do not cover: {why}",
                     disk.id
+                ),
+            });
+        }
+    }
+    for s in &record.snapshots {
+        if let Some(memory) = s.memory.as_ref().filter(|m| !m.path.exists()) {
+            out.push(Drift {
+                kind: "missing-memory",
+                disk: None,
+                message: format!(
+                    "the memory state of checkpoint {} ({}) is missing",
+                    s.name,
+                    memory.path.display()
                 ),
             });
         }

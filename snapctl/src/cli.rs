@@ -239,6 +239,20 @@ pub struct CreateArgs {
     #[arg(long)]
     pub quiesce: bool,
 
+    /// A checkpoint: the guest's memory and device state too, at the same instant as
+    /// the disks (the guest is stopped from before the disks switch until the state
+    /// is saved). A revert to it resumes the guest where it was, without a reboot.
+    #[arg(long, conflicts_with = "quiesce")]
+    pub memory: bool,
+
+    /// Where the checkpoint's state goes [default: beside the first overlay].
+    #[arg(long, value_name = "PATH", requires = "memory")]
+    pub memory_file: Option<PathBuf>,
+
+    /// Leave the guest paused after the checkpoint (it continues if it ran).
+    #[arg(long, requires = "memory")]
+    pub paused: bool,
+
     /// Print the plan (files and QMP commands, in order) and change nothing.
     #[arg(long)]
     pub dry_run: bool,

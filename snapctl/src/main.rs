@@ -443,6 +443,9 @@ async fn create(
         overlays: args.overlays.iter().cloned().collect(),
         reuse_external: args.reuse_external,
         quiesce: args.quiesce,
+        memory: args.memory,
+        memory_file: args.memory_file.clone(),
+        paused: args.paused,
     };
     let plan = session.plan_create(&opts).await?;
     if args.dry_run {

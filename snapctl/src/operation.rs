@@ -113,6 +113,23 @@ pub struct Create {
     pub created: Timestamp,
     pub quiesce: bool,
     pub disks: Vec<DiskSnapshot>,
+    /// A checkpoint: where the memory and device state goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryState>,
+}
+
+/// A checkpoint's memory and device state: a qcow2 container QEMU's
+/// `snapshot-save` writes into (and `snapshot-load` reads), opened as its own
+/// node for the duration, so that no disk is touched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryState {
+    pub path: PathBuf,
+    pub node: String,
+    /// The `snapshot-save` / `snapshot-load` job.
+    pub job: String,
+    /// The tag of the state inside the container (the snapshot's name when it
+    /// was taken: a rename does not change it).
+    pub tag: String,
 }
 
 /// A layer of a revert target's chain that QEMU does not have open (another branch).
@@ -155,6 +172,14 @@ pub struct Revert {
     /// Live only: the guest is left paused afterwards (it continues otherwise).
     pub paused: bool,
     pub disks: Vec<DiskRevert>,
+    /// A checkpoint: the memory state loaded into the running QEMU (no reset),
+    /// or, with QEMU stopped, left to load into the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryState>,
+    /// The disks are in place already (an offline revert of this checkpoint
+    /// prepared them): only the memory state is loaded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory_only: bool,
 }
 
 /// How one disk's boundary is merged when a snapshot is deleted.
@@ -212,6 +237,9 @@ pub struct Delete {
     /// no longer needs (they are then no longer recorded).
     #[serde(default)]
     pub keep_files: bool,
+    /// A checkpoint's memory state file, removed with the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<PathBuf>,
 }
 
 /// What a raw `commit` or `pull` does to the chain.

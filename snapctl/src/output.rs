@@ -145,6 +145,12 @@ pub fn show(record: &Record, s: &Snapshot, as_json: bool) -> io::Result<()> {
     writeln!(out, "parent:      {}", v.parent.unwrap_or("-"))?;
     writeln!(out, "kind:        {}", kind(s))?;
     writeln!(out, "description: {}", v.description.unwrap_or(""))?;
+    if let Some(m) = &v.memory {
+        let size = m
+            .bytes
+            .map_or_else(|| "missing".to_owned(), |b| format!("{b} bytes"));
+        writeln!(out, "memory:      {} ({size})", m.file.display())?;
+    }
     if !v.children.is_empty() {
         writeln!(out, "children:    {}", v.children.join(", "))?;
     }
@@ -412,6 +418,13 @@ pub fn reverted(
         let line: Vec<String> = args.iter().map(|a| views::shell_quote(a)).collect();
         writeln!(out, "QEMU is not running; start it with:")?;
         writeln!(out, "{}", line.join(" "))?;
+        if op.memory.is_some() {
+            writeln!(
+                out,
+                "then run `snapctl revert {}` on it to load the memory state and resume the guest",
+                op.snapshot
+            )?;
+        }
     }
     Ok(())
 }

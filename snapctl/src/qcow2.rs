@@ -95,6 +95,22 @@ mod tests {
     }
 }
 
+/// Creates the qcow2 container of a checkpoint's memory and device state at
+/// `path`, never over an existing file (as [`new_overlay`]): no backing, a
+/// small virtual disk nobody reads; QEMU's `snapshot-save` puts the state in
+/// the image's state area.
+pub fn new_state_file(path: &Path) -> Result<()> {
+    let mut file = claim_file(path)?;
+    write_qcow2(&mut file, 1 << 20, None).map_err(|source| {
+        let _ = std::fs::remove_file(path);
+        Error::Io {
+            action: "write memory state file",
+            path: path.to_owned(),
+            source,
+        }
+    })
+}
+
 /// Writes an empty qcow2 (version 3) overlay into `file`, which must be new
 /// and empty: `size` bytes of virtual disk, backed by `backing` in format
 /// `backing_format`, 64 KiB clusters, 16-bit refcounts, no feature beyond the
@@ -107,7 +123,24 @@ pub fn write_qcow2_overlay(
     backing: &str,
     backing_format: &str,
 ) -> std::io::Result<()> {
+    if backing.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "unusable backing file name",
+        ));
+    }
+    write_qcow2(file, size, Some((backing, backing_format)))
+}
+
+/// Writes an empty qcow2 image into the new, empty `file`, standing on
+/// `backing` (file name and format) when given.
+fn write_qcow2(
+    file: &mut std::fs::File,
+    size: u64,
+    backing: Option<(&str, &str)>,
+) -> std::io::Result<()> {
     use std::io::{Error as IoError, ErrorKind, Seek, SeekFrom, Write};
+    let (backing, backing_format) = backing.unwrap_or(("", ""));
     const CLUSTER_BITS: u32 = 16;
     const CLUSTER: u64 = 1 << CLUSTER_BITS;
     // One L2 table maps CLUSTER / 8 clusters; one L1 entry per L2 table.
@@ -115,7 +148,7 @@ pub fn write_qcow2_overlay(
     const HEADER_LENGTH: u32 = 112;
     const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 
-    if backing.is_empty() || backing.len() > 1023 || backing_format.len() > 16 {
+    if backing.len() > 1023 || backing_format.len() > 16 {
         return Err(IoError::new(
             ErrorKind::InvalidInput,
             "unusable backing file name",
@@ -157,15 +190,20 @@ pub fn write_qcow2_overlay(
     be32(&mut header, HEADER_LENGTH);
     header.push(0); // compression type: zlib
     header.resize(HEADER_LENGTH as usize, 0);
-    // Header extension: the backing file's format, padded to 8 bytes.
-    be32(&mut header, EXT_BACKING_FORMAT);
-    be32(&mut header, backing_format.len() as u32);
-    header.extend_from_slice(backing_format.as_bytes());
-    header.resize(header.len().next_multiple_of(8), 0);
+    if !backing.is_empty() {
+        // Header extension: the backing file's format, padded to 8 bytes.
+        be32(&mut header, EXT_BACKING_FORMAT);
+        be32(&mut header, backing_format.len() as u32);
+        header.extend_from_slice(backing_format.as_bytes());
+        header.resize(header.len().next_multiple_of(8), 0);
+    }
     be64(&mut header, 0); // end of extensions
-    let backing_offset = header.len() as u64;
-    header[backing_offset_at..backing_offset_at + 8].copy_from_slice(&backing_offset.to_be_bytes());
-    header.extend_from_slice(backing.as_bytes());
+    if !backing.is_empty() {
+        let backing_offset = header.len() as u64;
+        header[backing_offset_at..backing_offset_at + 8]
+            .copy_from_slice(&backing_offset.to_be_bytes());
+        header.extend_from_slice(backing.as_bytes());
+    }
 
     let mut refcounts = Vec::with_capacity(clusters_used as usize * 2);
     for _ in 0..clusters_used {

@@ -47,6 +47,10 @@ pub struct Record {
     /// The snapshot the running state descends from; `None` before the first snapshot.
     #[serde(default)]
     pub current: Option<String>,
+    /// A checkpoint reverted while QEMU was stopped: its disks are in place and
+    /// its memory state is still to load into the next QEMU (`revert` again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_memory: Option<String>,
     /// Operations in flight: written before an operation's first change to QEMU or to
     /// files, removed when it is done. An entry left over means a run was interrupted and
     /// the next run must finish or roll back its steps.
@@ -116,9 +120,22 @@ pub struct Snapshot {
     /// Per disk (qdev id), the image that holds the disk as of this snapshot.
     #[serde(default)]
     pub disks: BTreeMap<String, SnapshotDisk>,
+    /// A checkpoint's memory and device state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryFile>,
     /// Fields this build does not know, kept across rewrites.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Where a checkpoint's memory and device state is: a qcow2 container snapctl
+/// created, holding the state as QEMU's `snapshot-save` wrote it under `tag`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryFile {
+    pub path: PathBuf,
+    /// The state's name inside the container: the snapshot's name when it
+    /// was taken (a later rename leaves it).
+    pub tag: String,
 }
 
 /// What a snapshot captured.
@@ -127,8 +144,11 @@ pub struct Snapshot {
 pub enum SnapshotKind {
     /// Disk contents only; reverting boots (resets) the guest.
     DiskOnly,
-    /// Disk contents plus the VM's memory and device state in a separate file.
-    Memory,
+    /// Disk contents plus the VM's memory and device state at the same instant,
+    /// the state in a file of its own ([`Snapshot::memory`]): a revert resumes
+    /// the guest where it was instead of rebooting it.
+    #[serde(rename = "checkpoint", alias = "memory")]
+    Checkpoint,
     /// A snapshot stored inside a qcow2 image (`savevm`).
     Internal,
 }
@@ -214,6 +234,7 @@ impl Record {
             layers: BTreeMap::new(),
             snapshots: Vec::new(),
             current: None,
+            pending_memory: None,
             journal: Vec::new(),
             extra: BTreeMap::new(),
         }
@@ -343,7 +364,19 @@ impl Record {
                 )
             })
         });
-        sockets.chain(actives).chain(layers).chain(frozen)
+        let memory = self.snapshots.iter().filter_map(|s| {
+            s.memory.as_ref().map(|m| {
+                (
+                    format!("memory state of snapshot {}", quoted(&s.name)),
+                    &*m.path,
+                )
+            })
+        });
+        sockets
+            .chain(actives)
+            .chain(layers)
+            .chain(frozen)
+            .chain(memory)
     }
 
     fn path_problem(&self) -> Option<RecordProblem> {
@@ -774,6 +807,7 @@ mod tests {
                     image: image.into(),
                 },
             )]),
+            memory: None,
             extra: BTreeMap::new(),
         }
     }
@@ -860,12 +894,17 @@ mod tests {
     fn kinds_are_kebab_case() {
         for (kind, text) in [
             (SnapshotKind::DiskOnly, "\"disk-only\""),
-            (SnapshotKind::Memory, "\"memory\""),
+            (SnapshotKind::Checkpoint, "\"checkpoint\""),
             (SnapshotKind::Internal, "\"internal\""),
         ] {
             assert_eq!(serde_json::to_string(&kind).unwrap(), text);
             assert_eq!(serde_json::from_str::<SnapshotKind>(text).unwrap(), kind);
         }
+        // Records written before checkpoints had their name read the same.
+        assert_eq!(
+            serde_json::from_str::<SnapshotKind>("\"memory\"").unwrap(),
+            SnapshotKind::Checkpoint
+        );
     }
 
     #[test]

@@ -30,9 +30,20 @@ pub struct SnapshotView<'a> {
     pub description: Option<&'a str>,
     pub kind: crate::record::SnapshotKind,
     pub current: bool,
+    /// A checkpoint's memory state: the file and its size on disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryView<'a>>,
     /// Per disk, the frozen image.
     pub disks: BTreeMap<&'a str, FrozenImage<'a>>,
     pub children: Vec<&'a str>,
+}
+
+/// Where a checkpoint's memory state is (`show --json`: `"memory": {"file", "bytes"}`).
+#[derive(Debug, Serialize)]
+pub struct MemoryView<'a> {
+    pub file: &'a Path,
+    /// Its size; `null` when the file cannot be read.
+    pub bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -48,6 +59,10 @@ impl<'a> SnapshotView<'a> {
             created: s.created.to_string(),
             description: s.description.as_deref(),
             kind: s.kind,
+            memory: s.memory.as_ref().map(|m| MemoryView {
+                file: &m.path,
+                bytes: std::fs::metadata(&m.path).ok().map(|md| md.len()),
+            }),
             current: record.current.as_deref() == Some(s.name.as_str()),
             disks: s
                 .disks
@@ -143,6 +158,11 @@ pub fn chains(record: &Record, live: Option<&LiveGraph>, only: Option<&str>) -> 
 /// layer, base first, linked by node name, then the `-device` binding.
 pub fn qemu_args(record: &Record, only: Option<&str>) -> Vec<String> {
     let mut args = Vec::new();
+    // A checkpoint reverted while QEMU was stopped: the guest must not run
+    // before its memory state is loaded (`snapctl revert NAME` on that QEMU).
+    if record.pending_memory.is_some() {
+        args.push("-S".to_owned());
+    }
     for (id, disk) in &record.disks {
         if only.is_some_and(|o| o != id) {
             continue;

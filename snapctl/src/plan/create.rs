@@ -10,12 +10,14 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use super::{DirState, Facts, NodeNames, Plan, Step, overlay_blockdev};
+use super::{
+    DirState, Facts, NodeNames, Plan, Step, memory_blockdev, memory_job_steps, overlay_blockdev,
+};
 use crate::error::{Error, Result};
 use crate::graph::{LiveDisk, LiveGraph};
 use crate::names;
-use crate::operation::{Create, DiskSnapshot, Operation};
-use crate::record::{Record, Snapshot, SnapshotDisk, SnapshotKind};
+use crate::operation::{Create, DiskSnapshot, MemoryState, Operation};
+use crate::record::{MemoryFile, Record, Snapshot, SnapshotDisk, SnapshotKind};
 
 /// What the user asked `create` for.
 #[derive(Debug, Clone, Default)]
@@ -32,6 +34,12 @@ pub struct CreateOptions {
     /// `--reuse-external`).
     pub reuse_external: bool,
     pub quiesce: bool,
+    /// A checkpoint: the memory and device state too, at the same instant.
+    pub memory: bool,
+    /// Where the checkpoint's state goes (default: beside the first overlay).
+    pub memory_file: Option<PathBuf>,
+    /// Leave the guest paused after a checkpoint (it continues if it ran).
+    pub paused: bool,
 }
 
 impl CreateOptions {
@@ -59,8 +67,11 @@ pub fn transaction(create: &Create) -> Value {
     json!({ "actions": actions })
 }
 
-/// The steps of a planned create.
-pub fn steps(create: &Create) -> Vec<Step> {
+/// The steps of a planned create. A checkpoint stops the guest, saves its
+/// memory and device state into their own container, switches the disks in
+/// the same stopped instant, and continues the guest if it ran (and the user
+/// did not ask for it to stay paused).
+pub fn steps(create: &Create, was_running: bool, paused: bool) -> Vec<Step> {
     let mut steps: Vec<Step> = create
         .disks
         .iter()
@@ -73,6 +84,11 @@ pub fn steps(create: &Create) -> Vec<Step> {
         })
         .collect();
     if create.live {
+        if let Some(memory) = &create.memory {
+            steps.push(Step::CreateStateFile {
+                path: memory.path.clone(),
+            });
+        }
         steps.extend(create.disks.iter().map(|d| {
             Step::qmp(
                 "blockdev-add",
@@ -82,6 +98,11 @@ pub fn steps(create: &Create) -> Vec<Step> {
         let agent = |command: &str| Step::GuestAgent {
             command: command.into(),
         };
+        if let Some(memory) = &create.memory {
+            steps.push(Step::qmp("blockdev-add", memory_blockdev(memory)));
+            steps.push(Step::qmp("stop", Value::Null));
+            steps.extend(memory_job_steps("snapshot-save", memory));
+        }
         if create.quiesce {
             steps.push(agent("guest-fsfreeze-freeze"));
         }
@@ -89,10 +110,18 @@ pub fn steps(create: &Create) -> Vec<Step> {
         if create.quiesce {
             steps.push(agent("guest-fsfreeze-thaw"));
         }
+        if create.memory.is_some() && was_running && !paused {
+            steps.push(Step::qmp("cont", Value::Null));
+        }
     }
     steps.push(Step::Record {
         change: format!(
-            "add snapshot {} ({} disk{}), now current",
+            "add {} {} ({} disk{}), now current",
+            if create.memory.is_some() {
+                "checkpoint"
+            } else {
+                "snapshot"
+            },
             create.name,
             create.disks.len(),
             if create.disks.len() == 1 { "" } else { "s" }
@@ -111,7 +140,11 @@ pub fn apply(record: &mut Record, create: &Create) {
         parent: create.parent.clone(),
         created: create.created,
         description: create.description.clone(),
-        kind: SnapshotKind::DiskOnly,
+        kind: if create.memory.is_some() {
+            SnapshotKind::Checkpoint
+        } else {
+            SnapshotKind::DiskOnly
+        },
         disks: create
             .disks
             .iter()
@@ -124,6 +157,10 @@ pub fn apply(record: &mut Record, create: &Create) {
                 )
             })
             .collect(),
+        memory: create.memory.as_ref().map(|m| MemoryFile {
+            path: m.path.clone(),
+            tag: m.tag.clone(),
+        }),
         extra: BTreeMap::new(),
     });
     record.current = Some(create.name.clone());
@@ -135,6 +172,16 @@ pub fn apply(record: &mut Record, create: &Create) {
 /// active images, for QEMU's next start (`qemu-args`).
 pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<Plan> {
     names::validate_snapshot_name(&opts.name)?;
+    if opts.memory && opts.quiesce {
+        return Err(Error::Refused(
+            "--quiesce is for disk-only snapshots: a checkpoint keeps the guest's memory, so its filesystems need no freeze".into(),
+        ));
+    }
+    if (opts.memory_file.is_some() || opts.paused) && !opts.memory {
+        return Err(Error::Refused(
+            "--memory-file and --paused belong to a checkpoint: add --memory".into(),
+        ));
+    }
     if record.snapshot(&opts.name).is_some() {
         return Err(Error::SnapshotExists {
             vm: record.vm.clone(),
@@ -186,6 +233,39 @@ pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<
             reused,
         });
     }
+    let memory = if opts.memory {
+        let path =
+            match &opts.memory_file {
+                Some(p) => std::path::absolute(p).map_err(|source| Error::Io {
+                    action: "resolve",
+                    path: p.to_owned(),
+                    source,
+                })?,
+                None => disks[0].overlay.parent().unwrap_or(Path::new("/")).join(
+                    names::overlay_file_name(&format!("{}-memory", record.vm), &opts.name),
+                ),
+            };
+        if let Some(reason) = new_file_problem(facts, &path) {
+            return Err(Error::Refused(format!(
+                "cannot create memory file {}: {reason}",
+                path.display()
+            )));
+        }
+        if disks.iter().any(|d| d.overlay == path) {
+            return Err(Error::Refused(format!(
+                "the memory file {} would be an overlay too",
+                path.display()
+            )));
+        }
+        Some(MemoryState {
+            path,
+            node: nodes.fresh("sv", "memory", &opts.name),
+            job: nodes.fresh("ss", "save", &opts.name),
+            tag: opts.name.clone(),
+        })
+    } else {
+        None
+    };
     let create = Create {
         live: true,
         name: opts.name.clone(),
@@ -194,9 +274,10 @@ pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<
         created: facts.now,
         quiesce: opts.quiesce,
         disks,
+        memory,
     };
     Ok(Plan {
-        steps: steps(&create),
+        steps: steps(&create, facts.running == Some(true), opts.paused),
         operation: Operation::Create(create),
     })
 }
@@ -204,6 +285,12 @@ pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<
 /// Plans `create` with QEMU stopped: an overlay on each recorded disk's
 /// active image, written and recorded; QEMU starts on them next time.
 fn plan_offline(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<Plan> {
+    if opts.memory {
+        return Err(Error::Refused(format!(
+            "vm {} is not running: a checkpoint saves a running QEMU's memory",
+            record.vm
+        )));
+    }
     if opts.quiesce {
         return Err(Error::Refused(format!(
             "vm {} is not running: --quiesce needs its guest agent",
@@ -296,9 +383,10 @@ fn plan_offline(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Res
         created: facts.now,
         quiesce: false,
         disks,
+        memory: None,
     };
     Ok(Plan {
-        steps: steps(&create),
+        steps: steps(&create, false, false),
         operation: Operation::Create(create),
     })
 }
@@ -435,22 +523,27 @@ fn check_reusable(facts: &Facts<'_>, path: &Path, frozen: &Path, size: u64) -> R
 
 /// An overlay must be a new file in an existing, writable directory.
 fn check_overlay_path(facts: &Facts<'_>, path: &Path) -> Result<()> {
-    let refuse = |reason| {
-        Err(Error::OverlayPath {
+    match new_file_problem(facts, path) {
+        None => Ok(()),
+        Some(reason) => Err(Error::OverlayPath {
             path: path.to_owned(),
             reason,
-        })
-    };
+        }),
+    }
+}
+
+/// Why a new file cannot be created at `path`, if it cannot.
+fn new_file_problem(facts: &Facts<'_>, path: &Path) -> Option<&'static str> {
     if facts.host.exists(path) {
-        return refuse("it already exists");
+        return Some("it already exists");
     }
     match facts
         .host
         .dir_state(path.parent().unwrap_or(Path::new("/")))
     {
-        DirState::Writable => Ok(()),
-        DirState::ReadOnly => refuse("its directory is not writable"),
-        DirState::NotADirectory => refuse("its directory is not a directory"),
-        DirState::Missing => refuse("its directory does not exist"),
+        DirState::Writable => None,
+        DirState::ReadOnly => Some("its directory is not writable"),
+        DirState::NotADirectory => Some("its directory is not a directory"),
+        DirState::Missing => Some("its directory does not exist"),
     }
 }

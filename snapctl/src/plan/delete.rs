@@ -65,6 +65,7 @@ pub fn plan(
         snapshot: name.to_owned(),
         disks,
         keep_files: metadata_only,
+        memory: snapshot.memory.as_ref().map(|m| m.path.clone()),
     };
     Ok(Plan {
         steps: steps(record, &delete),
@@ -226,6 +227,11 @@ pub fn steps(record: &Record, delete: &Delete) -> Vec<Step> {
     });
     let mut after = record.clone();
     steps.extend(removals(apply(&mut after, delete)));
+    if let Some(memory) = delete.memory.as_ref().filter(|_| !delete.keep_files) {
+        steps.push(Step::RemoveFile {
+            path: memory.clone(),
+        });
+    }
     steps
 }
 

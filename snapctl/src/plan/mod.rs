@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 
 use crate::graph::{LiveDisk, LiveGraph};
 use crate::names;
-use crate::operation::{LiveJob, Operation};
+use crate::operation::{LiveJob, MemoryState, Operation};
 
 /// One step of a plan, in the order it runs.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
@@ -44,6 +44,9 @@ pub enum Step {
         backing_format: String,
         size: u64,
     },
+    /// Create a new, empty qcow2 container for a VM's memory and device state
+    /// (refusing an existing file or a symlink).
+    CreateStateFile { path: PathBuf },
     /// A guest-agent command (`guest-fsfreeze-freeze` / `-thaw`). A freeze is
     /// always followed by a thaw, which also runs when a step between fails.
     GuestAgent { command: String },
@@ -99,13 +102,19 @@ impl fmt::Display for Step {
                 "create overlay {} (qcow2, {size} bytes, backing {backing} as {backing_format})",
                 path.display()
             ),
+            Step::CreateStateFile { path } => {
+                write!(f, "create memory state file {} (qcow2)", path.display())
+            }
             Step::GuestAgent { command } => write!(f, "guest agent: {command}"),
             Step::Qmp { command, arguments } if arguments.is_null() => {
                 write!(f, "qmp: {command}")
             }
             Step::Qmp { command, arguments } => write!(f, "qmp: {command} {arguments}"),
+            Step::AwaitJobs { jobs, status } if jobs.len() == 1 => {
+                write!(f, "wait until job {} reaches {status}", jobs[0])
+            }
             Step::AwaitJobs { jobs, status } => {
-                write!(f, "wait until job {} reach {status}", jobs.join(", "))
+                write!(f, "wait until jobs {} reach {status}", jobs.join(", "))
             }
             Step::ReleaseNode { node } => write!(
                 f,
@@ -234,6 +243,38 @@ pub fn layer_blockdev(path: &Path, format: &str, node: &str, backing: Option<&st
         spec["backing"] = backing.map_or(Value::Null, Value::from);
     }
     spec
+}
+
+/// The `blockdev-add` arguments that open a checkpoint's state container.
+pub fn memory_blockdev(memory: &MemoryState) -> Value {
+    json!({
+        "driver": "qcow2",
+        "node-name": memory.node,
+        "file": { "driver": "file", "filename": memory.path },
+    })
+}
+
+/// The steps that save (`snapshot-save`) or load (`snapshot-load`) a VM's
+/// memory and device state through its container node, which must be open:
+/// the job, its end, its dismissal (which reports its error), the node closed.
+pub fn memory_job_steps(command: &str, memory: &MemoryState) -> Vec<Step> {
+    vec![
+        Step::qmp(
+            command,
+            json!({
+                "job-id": memory.job, "tag": memory.tag,
+                "vmstate": memory.node, "devices": [memory.node],
+            }),
+        ),
+        Step::AwaitJobs {
+            jobs: vec![memory.job.clone()],
+            status: "concluded".into(),
+        },
+        Step::qmp("job-dismiss", json!({ "id": memory.job })),
+        Step::ReleaseNode {
+            node: memory.node.clone(),
+        },
+    ]
 }
 
 /// Switches disk `disk`'s device to node `node` (QEMU-NOTES §3.3b step 7).

@@ -16,11 +16,12 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{
-    Facts, NodeNames, Plan, Step, layer_blockdev, overlay_blockdev, qom_set_drive, removals,
+    Facts, NodeNames, Plan, Step, layer_blockdev, memory_blockdev, memory_job_steps,
+    overlay_blockdev, qom_set_drive, removals,
 };
 use crate::error::{Error, Result};
 use crate::names;
-use crate::operation::{DiskRevert, OpenLayer, Operation, Revert};
+use crate::operation::{DiskRevert, MemoryState, OpenLayer, Operation, Revert};
 use crate::record::Record;
 
 /// The steps of a planned revert; `record` is the record it starts from.
@@ -31,8 +32,14 @@ pub fn steps(record: &Record, revert: &Revert) -> Vec<Step> {
         backing_format: d.frozen_format.clone(),
         size: d.virtual_size,
     };
+    let load = |steps: &mut Vec<Step>| {
+        if let Some(memory) = revert.memory.as_ref().filter(|_| revert.live) {
+            steps.push(Step::qmp("blockdev-add", memory_blockdev(memory)));
+            steps.extend(memory_job_steps("snapshot-load", memory));
+        }
+    };
     let mut steps = Vec::new();
-    if revert.live {
+    if revert.live && !revert.memory_only {
         steps.push(Step::qmp("stop", Value::Null));
         for d in &revert.disks {
             steps.push(create(d));
@@ -58,11 +65,18 @@ pub fn steps(record: &Record, revert: &Revert) -> Vec<Step> {
                 .iter()
                 .map(|d| qom_set_drive(&d.disk, &d.overlay_node)),
         );
-    } else {
+    } else if !revert.live {
         steps.extend(revert.disks.iter().map(create));
     }
+    load(&mut steps);
     steps.push(Step::Record {
-        change: format!("current snapshot is {}", revert.snapshot),
+        change: match (&revert.memory, revert.live) {
+            (Some(_), false) => format!(
+                "current snapshot is {}; its memory state is to load into the next QEMU (`snapctl revert {0}` there)",
+                revert.snapshot
+            ),
+            _ => format!("current snapshot is {}", revert.snapshot),
+        },
     });
     if revert.live {
         steps.extend(
@@ -72,7 +86,11 @@ pub fn steps(record: &Record, revert: &Revert) -> Vec<Step> {
                 .flat_map(|d| &d.old_nodes)
                 .map(|node| Step::ReleaseNode { node: node.clone() }),
         );
-        steps.push(Step::qmp("system_reset", Value::Null));
+        // A disk-only revert restarts the guest: its caches describe the old
+        // disks. A checkpoint's guest resumes where it was.
+        if revert.memory.is_none() {
+            steps.push(Step::qmp("system_reset", Value::Null));
+        }
         if !revert.paused {
             steps.push(Step::qmp("cont", Value::Null));
         }
@@ -89,6 +107,11 @@ pub fn apply(record: &mut Record, revert: &Revert) -> Vec<std::path::PathBuf> {
         record.add_overlay(&d.disk, &d.overlay, &d.frozen, d.virtual_size);
     }
     record.current = Some(revert.snapshot.clone());
+    record.pending_memory = revert
+        .memory
+        .as_ref()
+        .filter(|_| !revert.live)
+        .map(|_| revert.snapshot.clone());
     record.prune()
 }
 
@@ -108,14 +131,48 @@ pub enum RunAfter {
 /// Plans a revert to `name`; live when `facts.live` is QEMU's graph, leaving
 /// the guest running or paused as `after` says.
 pub fn plan(record: &Record, facts: &Facts<'_>, name: &str, after: RunAfter) -> Result<Plan> {
+    let snapshot = record.snapshot_named(name)?;
+    // A checkpoint resumes its guest unless asked not to.
+    let checkpoint = snapshot.memory.is_some();
     let paused = facts.live.is_some()
         && match after {
-            RunAfter::Keep => facts.running != Some(true),
+            RunAfter::Keep => !checkpoint && facts.running != Some(true),
             RunAfter::Running => false,
             RunAfter::Paused => true,
         };
-    let snapshot = record.snapshot_named(name)?;
     let mut nodes = NodeNames::taken_in(facts.live);
+    let memory = snapshot.memory.as_ref().map(|m| MemoryState {
+        path: m.path.clone(),
+        node: nodes.fresh("sv", "memory", name),
+        job: nodes.fresh("sl", "load", name),
+        tag: m.tag.clone(),
+    });
+    // An offline revert of this checkpoint prepared the disks, and QEMU now
+    // runs on them: only the memory state is left to load.
+    let memory_only = memory.is_some()
+        && record.pending_memory.as_deref() == Some(name)
+        && facts.live.is_some_and(|g| {
+            record.disks.iter().all(|(id, d)| {
+                g.disks
+                    .get(id)
+                    .and_then(|live| live.active())
+                    .is_some_and(|a| a.filename == d.active)
+            })
+        });
+    if memory_only {
+        let revert = Revert {
+            snapshot: name.to_owned(),
+            live: true,
+            paused,
+            disks: Vec::new(),
+            memory,
+            memory_only: true,
+        };
+        return Ok(Plan {
+            steps: steps(record, &revert),
+            operation: Operation::Revert(revert),
+        });
+    }
     let mut disks = Vec::new();
     for (disk, sd) in &snapshot.disks {
         let layer = record.layers.get(&sd.image).ok_or_else(|| {
@@ -206,6 +263,8 @@ pub fn plan(record: &Record, facts: &Facts<'_>, name: &str, after: RunAfter) -> 
         live: facts.live.is_some(),
         paused,
         disks,
+        memory,
+        memory_only: false,
     };
     Ok(Plan {
         steps: steps(record, &revert),

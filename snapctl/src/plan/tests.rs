@@ -97,6 +97,7 @@ impl Rec {
                 .iter()
                 .map(|(d, image)| ((*d).to_owned(), SnapshotDisk { image: p(image) }))
                 .collect(),
+            memory: None,
             extra: BTreeMap::new(),
         });
         self
@@ -418,6 +419,7 @@ fn kinds(steps: &[Step]) -> Vec<String> {
         .iter()
         .map(|s| match s {
             Step::CreateOverlay { path, .. } => format!("create-overlay {}", path.display()),
+            Step::CreateStateFile { path } => format!("create-state-file {}", path.display()),
             Step::GuestAgent { command } => format!("agent {command}"),
             Step::Qmp { command, .. } => format!("qmp {command}"),
             Step::AwaitJobs { jobs, status } => format!("await {status} {}", jobs.join(",")),
@@ -496,6 +498,7 @@ fn create_takes_every_writable_disk_by_default() {
     assert_eq!(
         plan.operation,
         Operation::Create(Create {
+            memory: None,
             live: true,
             name: "s3".into(),
             description: None,
@@ -816,6 +819,7 @@ fn create_with_qemu_stopped_writes_overlays_on_the_recorded_active_images() {
     assert_eq!(
         plan.operation,
         Operation::Create(Create {
+            memory: None,
             live: false,
             name: "s3".into(),
             description: None,
@@ -1162,6 +1166,8 @@ fn revert_live_to_an_image_qemu_has_open_links_the_overlay_to_its_node() {
     assert_eq!(
         plan.operation,
         Operation::Revert(Revert {
+            memory: None,
+            memory_only: false,
             snapshot: "s3".into(),
             live: true,
             paused: false,
@@ -1354,6 +1360,8 @@ fn revert_offline_writes_the_overlay_and_records_it() {
     assert_eq!(
         plan.operation,
         Operation::Revert(Revert {
+            memory: None,
+            memory_only: false,
             snapshot: "s2".into(),
             live: false,
             paused: false,
@@ -1764,6 +1772,7 @@ fn delete_live_active_commit_completes_the_job_then_finalizes() {
     assert_eq!(
         plan.operation,
         Operation::Delete(Delete {
+            memory: None,
             keep_files: false,
             snapshot: "s3".into(),
             disks: vec![DiskDelete {
@@ -2136,6 +2145,7 @@ fn delete_metadata_only_keeps_every_layer() {
     assert_eq!(
         plan.operation,
         Operation::Delete(Delete {
+            memory: None,
             keep_files: true,
             snapshot: "s2".into(),
             disks: vec![DiskDelete {
@@ -2335,6 +2345,7 @@ fn delete_with_descendants_lists_the_deepest_first_and_the_name_last() {
 #[test]
 fn delete_summary_says_how_each_disk_goes() {
     let delete = Delete {
+        memory: None,
         keep_files: false,
         snapshot: "s1".into(),
         disks: vec![

@@ -191,12 +191,17 @@ impl<'a> Executor<'a> {
                 crate::qcow2::new_overlay(path, *size, backing, backing_format)?;
                 self.created_files.push(path.clone());
             }
+            Step::CreateStateFile { path } => {
+                crate::qcow2::new_state_file(path)?;
+                self.created_files.push(path.clone());
+            }
             Step::GuestAgent { command } => self.guest_agent(command).await?,
             Step::Qmp { command, arguments } => self.qmp(command, arguments).await?,
             Step::AwaitJobs { jobs, status } => {
                 let client = self.qemu()?;
+                let interruptible = !self.switched;
                 self.jobs
-                    .await_status(client, jobs, status, self.options)
+                    .await_status(client, jobs, status, self.options, interruptible)
                     .await?;
             }
             Step::ReleaseNode { node } => {
@@ -229,7 +234,8 @@ impl<'a> Executor<'a> {
             _ => {}
         }
         match command {
-            "block-commit" | "block-stream" => {
+            "block-commit" | "block-stream" | "snapshot-save" | "snapshot-load"
+            | "snapshot-delete" => {
                 self.jobs.start(client, command, arguments).await?;
                 crate::fault::point("jobs:started");
             }

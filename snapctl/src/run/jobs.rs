@@ -77,6 +77,7 @@ impl Jobs {
         ids: &[String],
         status: &str,
         options: &RunOptions,
+        interruptible: bool,
     ) -> Result<()> {
         let wanted: JobStatus = status.parse().unwrap_or_else(|never| match never {});
         let limit = options.timeout.unwrap_or(NO_TIMEOUT);
@@ -84,17 +85,16 @@ impl Jobs {
         for id in ids {
             loop {
                 let tracked = self.find(id)?;
-                if wanted == JobStatus::Concluded {
-                    // Past finalize: the graph has switched; wait it out and
-                    // keep the job's error for its dismissal.
-                    tracked.error = tracked.job.wait_concluded(NO_TIMEOUT).await?;
-                    break;
-                }
                 match tracked
                     .job
                     .wait_for(std::slice::from_ref(&wanted), TICK)
                     .await
                 {
+                    Ok(_) if wanted == JobStatus::Concluded => {
+                        // Its error (if it failed) is reported when it is dismissed.
+                        tracked.error = tracked.job.error().await?;
+                        break;
+                    }
                     Ok(_) => break,
                     Err(qmp_client::Error::WaitTimeout { .. }) => {}
                     Err(qmp_client::Error::Job { id, message }) => {
@@ -102,11 +102,15 @@ impl Jobs {
                     }
                     Err(e) => return Err(e.into()),
                 }
-                options.interrupt.check()?;
-                if Instant::now() >= deadline {
-                    return Err(Error::TimedOut(format!(
-                        "job {id} did not finish within {limit:?} and was cancelled"
-                    )));
+                // Past the point of no return a job is waited out: stopping
+                // then would leave the graph half switched.
+                if interruptible {
+                    options.interrupt.check()?;
+                    if Instant::now() >= deadline {
+                        return Err(Error::TimedOut(format!(
+                            "job {id} did not finish within {limit:?} and was cancelled"
+                        )));
+                    }
                 }
                 self.report(client, options).await;
             }

@@ -404,6 +404,7 @@ impl Session {
         crate::names::validate_snapshot_name(&opts.name)?;
         if self.client.is_some() {
             self.register().await?;
+            self.run_state().await?;
         } else if !self.is_registered() {
             self.running_client()?;
         }

@@ -108,17 +108,25 @@ fn release(nodes: impl IntoIterator<Item = String>) -> Vec<Step> {
 }
 
 async fn recover_create(client: &Client, record: &mut Record, op: &Create) -> Result<String> {
+    if let Some(memory) = &op.memory {
+        settle_jobs(client, &[memory.job.as_str()]).await?;
+    }
+    let memory_node = op.memory.iter().map(|m| m.node.clone());
     if super::overlays_active(client, op).await {
+        // A checkpoint's state is saved before its disks switch: it is whole.
         plan::create::apply(record, op);
+        run_steps(Some(client), &release(memory_node)).await;
         return Ok(format!(
-            "completed the interrupted create of {}: QEMU already writes its overlays",
-            op.name
+            "completed the interrupted create of {}: QEMU already writes its overlays{}",
+            op.name,
+            paused_note(client).await?
         ));
     }
     let nodes = op
         .disks
         .iter()
-        .flat_map(|d| [d.overlay_node.clone(), d.file_node.clone()]);
+        .flat_map(|d| [d.overlay_node.clone(), d.file_node.clone()])
+        .chain(memory_node);
     run_steps(Some(client), &release(nodes)).await;
     let after = graph::read(client).await?;
     let files = op
@@ -126,12 +134,23 @@ async fn recover_create(client: &Client, record: &mut Record, op: &Create) -> Re
         .iter()
         .filter(|d| after.node_for(&d.overlay).is_none() && !record.layers.contains_key(&d.overlay))
         .map(|d| d.overlay.clone())
+        .chain(op.memory.iter().map(|m| m.path.clone()))
         .collect();
     run_steps(Some(client), &removals(files).collect::<Vec<_>>()).await;
     Ok(format!(
-        "rolled back the interrupted create of {}: its transaction never happened",
-        op.name
+        "rolled back the interrupted create of {}: its transaction never happened{}",
+        op.name,
+        paused_note(client).await?
     ))
+}
+
+/// A note for a VM an interrupted operation left stopped.
+async fn paused_note(client: &Client) -> Result<&'static str> {
+    Ok(if super::vm_running(client).await? {
+        ""
+    } else {
+        "; the VM is paused: `cont` it if it should run"
+    })
 }
 
 /// A create taken with QEMU stopped is recorded in one step at its end: an
@@ -190,7 +209,18 @@ async fn recover_revert(
             .map(|(d, _)| qom_set_drive(&d.disk, &d.overlay_node))
             .collect();
         if !super::vm_running(c).await? {
-            steps.push(Step::qmp("system_reset", Value::Null));
+            match &op.memory {
+                // Load the checkpoint's state (again: loading is idempotent).
+                Some(memory) => {
+                    settle_jobs(c, &[memory.job.as_str()]).await?;
+                    steps.push(Step::ReleaseNode {
+                        node: memory.node.clone(),
+                    });
+                    steps.push(Step::qmp("blockdev-add", plan::memory_blockdev(memory)));
+                    steps.extend(plan::memory_job_steps("snapshot-load", memory));
+                }
+                None => steps.push(Step::qmp("system_reset", Value::Null)),
+            }
             if !op.paused {
                 steps.push(Step::qmp("cont", Value::Null));
             }
@@ -208,10 +238,17 @@ async fn recover_revert(
     // restart on): undo what was prepared. Files that might hold data are kept.
     if client.is_some() {
         // The overlay's file is its inline child and goes with it.
-        let nodes = op.disks.iter().flat_map(|d| {
-            std::iter::once(d.overlay_node.clone())
-                .chain(d.open.iter().rev().map(|l| l.node.clone()))
-        });
+        if let (Some(c), Some(memory)) = (client, &op.memory) {
+            settle_jobs(c, &[memory.job.as_str()]).await?;
+        }
+        let nodes = op
+            .disks
+            .iter()
+            .flat_map(|d| {
+                std::iter::once(d.overlay_node.clone())
+                    .chain(d.open.iter().rev().map(|l| l.node.clone()))
+            })
+            .chain(op.memory.iter().map(|m| m.node.clone()));
         run_steps(client, &release(nodes)).await;
     }
     let after = graph::read_if_running(client).await?;
@@ -238,10 +275,8 @@ async fn recover_revert(
     if !kept.is_empty() {
         line.push_str(&format!("; kept {} (not in the record)", kept.join(", ")));
     }
-    if let Some(c) = client
-        && !super::vm_running(c).await?
-    {
-        line.push_str("; the VM is paused: `cont` it if it should run");
+    if let Some(c) = client {
+        line.push_str(paused_note(c).await?);
     }
     Ok(line)
 }
@@ -312,9 +347,11 @@ async fn recover_delete(
         snapshot: op.snapshot.clone(),
         disks: done,
         keep_files: op.keep_files,
+        memory: op.memory.clone(),
     };
     let merged = finished.disks.len();
-    let files = plan::delete::apply(record, &finished);
+    let mut files = plan::delete::apply(record, &finished);
+    files.extend(op.memory.iter().filter(|_| !op.keep_files).cloned());
     let stale = finished
         .disks
         .iter()

@@ -15,6 +15,45 @@ use crate::operation::{Operation, Revert};
 use crate::plan::Step;
 use crate::plan::revert::apply;
 
+/// A checkpoint's memory state failed to load after the switch: the revert
+/// is finished as a disk-only one (reset onto the checkpoint's disks), and
+/// the error says so.
+async fn fall_back_to_reset(
+    mut ctx: Context<'_>,
+    begun: super::Begun<'_>,
+    client: &qmp_client::Client,
+    op: &Revert,
+    error: Error,
+) -> Result<Outcome> {
+    let mut steps: Vec<Step> = op
+        .memory
+        .iter()
+        .map(|m| Step::ReleaseNode {
+            node: m.node.clone(),
+        })
+        .collect();
+    steps.push(Step::qmp("system_reset", serde_json::Value::Null));
+    if !op.paused {
+        steps.push(Step::qmp("cont", serde_json::Value::Null));
+    }
+    let mut reset = Executor::new(Some(client), None, ctx.options, false);
+    let reset_result = reset.run(&steps, &mut || Ok(())).await;
+    if !op.memory_only {
+        drop(apply(ctx.record, op));
+    }
+    ctx.record.pending_memory = None;
+    let outcome = ctx.finish(begun)?;
+    let what = match reset_result {
+        Ok(()) => "the guest was reset onto the checkpoint's disks instead",
+        Err(_) => "the guest could not be reset either: it is stopped; reset it before it runs",
+    };
+    drop(outcome);
+    Err(Error::JobFailed(format!(
+        "the memory state of {} did not load ({error}); {what}",
+        op.snapshot
+    )))
+}
+
 pub(crate) async fn run(mut ctx: Context<'_>, op: &Revert, steps: &[Step]) -> Result<Outcome> {
     if op.live != ctx.client.is_some() {
         return Err(Error::Drift(
@@ -37,9 +76,17 @@ pub(crate) async fn run(mut ctx: Context<'_>, op: &Revert, steps: &[Step]) -> Re
     let Err(failure) = result else {
         return ctx.finish(begun);
     };
-    if !failure.switched {
+    if !failure.switched && !op.memory_only {
         begun.exec.rollback().await;
         return ctx.abandon(&begun, failure.error);
+    }
+    // The devices use the checkpoint's disks but its memory state did not
+    // load: the guest's memory belongs to the old disks, so it must not run
+    // on. It restarts on the checkpoint's disks instead.
+    if let (Some(client), Some(_), false) = (ctx.client, &op.memory, failure.recorded)
+        && !failure.error.qemu_gone()
+    {
+        return fall_back_to_reset(ctx, begun, client, op, failure.error).await;
     }
     if !(failure.recorded && failure.error.qemu_gone()) {
         // Switched but not finished: the journal entry stays for recovery.

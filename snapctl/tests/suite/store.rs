@@ -74,6 +74,7 @@ fn record(vm: &str) -> Record {
                     image: image.into(),
                 },
             )]),
+            memory: None,
             extra: BTreeMap::new(),
         });
     }
