@@ -136,6 +136,13 @@ impl TestCommand {
         self
     }
 
+    /// Runs the command as another user (the test runs as root).
+    pub fn as_user(mut self, uid: u32, gid: u32) -> TestCommand {
+        use std::os::unix::process::CommandExt;
+        self.command.uid(uid).gid(gid);
+        self
+    }
+
     /// Runs the command in `dir` instead of the test's working directory.
     pub fn current_dir(mut self, dir: impl AsRef<Path>) -> TestCommand {
         self.command.current_dir(dir);
