@@ -160,11 +160,17 @@ pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<
                 path: path.to_owned(),
                 source,
             })?,
-            None => active
-                .filename
-                .parent()
-                .unwrap_or(Path::new("/"))
-                .join(names::overlay_file_name(&disk.id, &opts.name)),
+            None => {
+                // The readable name; the hashed one when that is taken.
+                let dir = active.filename.parent().unwrap_or(Path::new("/"));
+                let [readable, hashed] =
+                    names::overlay_file_names(&disk.id, &opts.name).map(|name| dir.join(name));
+                if facts.host.exists(&readable) {
+                    hashed
+                } else {
+                    readable
+                }
+            }
         };
         check_overlay_path(facts, &overlay)?;
         if overlay_paths.contains(&overlay) {

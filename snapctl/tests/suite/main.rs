@@ -19,6 +19,7 @@
 //! | [`ownership`] | overlays owned like the images they cover; a QEMU running as another user |
 //! | [`store`] | the record store against real files: atomic saves, damage, locks |
 //! | [`surgery`] | `revert` and `delete` on a two-disk VM |
+//! | [`usability`] | what people see: chain labels, `list`, usage and help, no-op `init`/`pull`, read-only commands, overlay names, unknown disks |
 
 mod cli;
 mod concurrency;
@@ -29,4 +30,5 @@ mod jobs;
 mod ownership;
 mod store;
 mod surgery;
+mod usability;
 mod util;

@@ -121,7 +121,7 @@ fn overlay_that_cannot_be_owned_like_its_image_is_refused() {
     let line = vm
         .snapctl
         .args(["revert", "s1"])
-        .as_user(DAEMON, DAEMON)
+        .run_as(DAEMON, DAEMON)
         .error_line(&[
             &vm.image("vda.s1-r1.qcow2").display().to_string(),
             &vm.image("base.qcow2").display().to_string(),
