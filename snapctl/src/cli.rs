@@ -15,7 +15,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The options every command takes, shown under their own heading.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct Global {
     /// The VM's name in snapctl's records (optional when only one VM is registered).
     #[arg(long, global = true, env = "SNAPCTL_VM")]
@@ -49,6 +51,42 @@ pub struct Global {
     /// How long to wait for another snapctl working on the same VM.
     #[arg(long, global = true, value_name = "SECONDS", default_value = "30", value_parser = seconds)]
     pub lock_wait: Duration,
+}
+
+/// Parses the command line.
+///
+/// Every command's usage line is fixed to what clap renders with nothing
+/// given: otherwise clap's "missing argument" message lists the global
+/// options set from the environment (`SNAPCTL_VM`, …) as if they were
+/// required.
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// The command line's definition, with fixed usage lines (see [`parse`]).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    cmd.build();
+    fixed_usage(cmd)
+}
+
+fn fixed_usage(mut cmd: clap::Command) -> clap::Command {
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .collect();
+    for name in names {
+        cmd = cmd.mut_subcommand(&name, |sub| {
+            let mut sub = fixed_usage(sub);
+            let usage = sub.render_usage().to_string();
+            let usage = usage.strip_prefix("Usage: ").unwrap_or(&usage).to_owned();
+            sub.override_usage(usage)
+        });
+    }
+    cmd
 }
 
 fn seconds(s: &str) -> Result<Duration, String> {
@@ -100,7 +138,8 @@ pub enum Command {
         name: String,
     },
 
-    /// Show each disk's backing chain, each image labelled with the snapshots it holds.
+    /// Show each disk's backing chain, each image labelled with what it is (active, frozen
+    /// by a snapshot, base, foreign).
     Chain {
         /// Only this disk (qdev id, e.g. vda).
         disk: Option<String>,
@@ -207,6 +246,33 @@ pub enum Command {
 
     /// Print the man page (roff).
     Man,
+}
+
+impl Command {
+    /// Whether the command only reads: it must then create neither the state
+    /// directory nor any file in it.
+    pub fn is_read_only(&self) -> bool {
+        match self {
+            Command::List { .. }
+            | Command::Show { .. }
+            | Command::Chain { .. }
+            | Command::QemuArgs { .. }
+            | Command::Current
+            | Command::Jobs
+            | Command::Job { .. }
+            | Command::Completions { .. }
+            | Command::Man => true,
+            Command::Check { repair, .. } => !repair,
+            Command::Init
+            | Command::Describe { .. }
+            | Command::Rename { .. }
+            | Command::Create(_)
+            | Command::Revert { .. }
+            | Command::Delete { .. }
+            | Command::Commit { .. }
+            | Command::Pull { .. } => false,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

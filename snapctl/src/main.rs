@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::bail;
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 use qmp_client::Client;
 use snapctl::operation::Operation;
 use snapctl::plan::revert::RunAfter;
@@ -26,7 +26,7 @@ use crate::cli::{Cli, Command, CreateArgs, JobAction, JobArgs};
 const EXIT_DRIFT: u8 = 3;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = cli::parse();
     init_tracing(cli.global.verbose, cli.global.quiet);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -82,6 +82,7 @@ fn init_tracing(verbose: u8, quiet: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();
@@ -105,7 +106,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         _ => {}
     }
-    let store = Store::open(&g.state_dir.clone().unwrap_or_else(Store::default_dir))?;
+    let state_dir = g.state_dir.clone().unwrap_or_else(Store::default_dir);
+    let store = if cli.command.is_read_only() {
+        Store::open_read_only(&state_dir)?
+    } else {
+        Store::open(&state_dir)?
+    };
     let vm = resolve_vm(&store, g.vm.as_deref())?;
     match &cli.command {
         Command::Init => init(g, &store, &vm).await,
@@ -146,20 +152,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Chain { disk } => {
             let record = registered(&store, &vm)?;
-            if let Some(d) = disk
-                && !record.disks.contains_key(d)
-            {
-                return Err(snapctl::Error::UnknownDisk {
-                    vm: vm.clone(),
-                    disk: d.clone(),
-                    known: record.disks.keys().cloned().collect::<Vec<_>>().join(", "),
-                }
-                .into());
+            if let Some(d) = disk {
+                snapctl::plan::known_disk(&record, d)?;
             }
-            let client = match socket_of(g, Some(&record)) {
-                Some(s) => snapctl::run::connect_if_running(&s, COMMAND_TIMEOUT).await?,
+            let socket = socket_of(g, Some(&record));
+            let client = match &socket {
+                Some(s) => snapctl::run::connect_if_running(s, COMMAND_TIMEOUT).await?,
                 None => None,
             };
+            if let (Some(s), None, false) = (&socket, &client, g.quiet) {
+                eprintln!(
+                    "snapctl: QEMU is not reachable at {} (nothing listens there): showing the chains from the image headers",
+                    s.display()
+                );
+            }
             let live = graph::read_if_running(client.as_ref()).await?;
             let view = views::chains(&record, live.as_ref(), disk.as_deref())?;
             output::chain(&view, g.json)?;
@@ -243,6 +249,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pull { disk, base, job } => {
             let mut session = open(g, &store, &vm).await?;
             settle(&mut session, job.dry_run).await?;
+            let idle =
+                snapctl::plan::merge::nothing_to_pull(session.record(), disk, base.as_deref())?;
+            if let Some(reason) = idle {
+                output::nothing_to_merge(disk, &reason, g.json)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let plan = session
                 .plan_pull(disk, base.as_deref(), job.bandwidth.unwrap_or(0))
                 .await?;
@@ -287,6 +299,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::QemuArgs { disk } => {
             let record = registered(&store, &vm)?;
+            if let Some(d) = disk {
+                snapctl::plan::known_disk(&record, d)?;
+            }
             let args = views::qemu_args(&record, disk.as_deref());
             if g.json {
                 output::json(&args)?;
@@ -484,6 +499,9 @@ async fn check_cmd(
     repair: bool,
     adopt: bool,
 ) -> anyhow::Result<ExitCode> {
+    // A VM that is not registered fails before anything (the lock file) is
+    // created; without --repair the store is read-only anyway.
+    registered(store, vm)?;
     let mut session = open(g, store, vm).await?;
     let mut changes = Vec::new();
     if repair {

@@ -151,50 +151,73 @@ pub fn may_be_monitor_owned(node: &str) -> bool {
 }
 
 /// Longest part of an overlay file name taken from the snapshot name or from the stem,
-/// in bytes; longer parts are cut and disambiguated by a hash.
+/// in bytes; longer parts are cut.
 const MAX_FILE_NAME_PART: usize = 100;
 
 /// Derives the file name of the overlay that snapshot `snapshot` puts on top of an
 /// active image whose file stem is `stem_of_active`: `<stem>.<snapshot>.qcow2`, as
-/// DESIGN.md specifies, when both parts are plain.
+/// DESIGN.md specifies, kept readable whatever the name holds.
 ///
 /// Snapshot names may hold characters that are awkward in file names (spaces, quotes,
-/// `*`, Unicode that another tool mangles). Such characters are replaced with `_`, parts
-/// longer than 100 bytes are cut, and whenever anything was changed the name gets a hash
-/// of the full inputs: `<stem>.<snapshot>--<hash>.qcow2`. An unchanged snapshot part never
-/// contains `--` (names containing `--` are hashed too), so a hashed name can never equal
-/// the plain name of another snapshot. The result never starts with `.` or `-` and is
-/// far below the 255-byte file-name limit.
-///
-/// Two different stems can in principle give the same file name (`a.b` + `c` and
-/// `a` + `b.c`); overlays are created refusing existing files, so such a clash fails
-/// instead of overwriting.
+/// `*`, Unicode that another tool mangles). Each such character becomes `_`, parts
+/// longer than 100 bytes are cut, and a stem that is empty or starts with `.` or `-`
+/// gets a leading `_`. So two names can give the same file name (`a b` and `a_b`);
+/// whoever creates the file picks [`overlay_file_name_hashed`] when this one is taken
+/// ([`overlay_file_names`] lists both, in that order). The result never starts with
+/// `.` or `-` and is far below the 255-byte file-name limit.
 ///
 /// ```
 /// use snapctl::names::overlay_file_name;
 /// assert_eq!(overlay_file_name("vda", "s1"), "vda.s1.qcow2");
-/// assert!(overlay_file_name("vda", "før upgrade").starts_with("vda.f_r_upgrade--"));
+/// assert_eq!(overlay_file_name("vda", "a b"), "vda.a_b.qcow2");
+/// assert_eq!(overlay_file_name("vda", "før upgrade"), "vda.f_r_upgrade.qcow2");
 /// ```
 pub fn overlay_file_name(stem_of_active: &str, snapshot: &str) -> String {
-    let (mut stem, stem_changed) = file_safe(stem_of_active);
-    let (snap, snap_changed) = file_safe(snapshot);
-    let mut changed = stem_changed || snap_changed || snap.contains("--");
-    if stem.is_empty() || stem.starts_with(['.', '-']) {
-        stem.insert(0, '_');
-        changed = true;
-    }
-    if !changed {
-        return format!("{stem}.{snap}.qcow2");
-    }
+    let (stem, snap) = file_safe_parts(stem_of_active, snapshot);
+    format!("{stem}.{snap}.qcow2")
+}
+
+/// The overlay file name to use when [`overlay_file_name`]'s is taken: the same, with a
+/// hash of the full inputs, `<stem>.<snapshot>--<hash>.qcow2`. Distinct inputs get
+/// distinct names with overwhelming probability, even when their readable parts
+/// coincide.
+///
+/// ```
+/// use snapctl::names::overlay_file_name_hashed;
+/// let a = overlay_file_name_hashed("vda", "a b");
+/// assert!(a.starts_with("vda.a_b--") && a.ends_with(".qcow2"), "{a}");
+/// assert_eq!(a.len(), "vda.a_b--".len() + 10 + ".qcow2".len());
+/// assert_ne!(a, overlay_file_name_hashed("vda", "a_b"));
+/// ```
+pub fn overlay_file_name_hashed(stem_of_active: &str, snapshot: &str) -> String {
+    let (stem, snap) = file_safe_parts(stem_of_active, snapshot);
     let mut hash = Fnv1a::new();
     hash.field(stem_of_active.as_bytes());
     hash.field(snapshot.as_bytes());
     format!("{stem}.{snap}--{}.qcow2", base32(hash.finish(), 10))
 }
 
+/// The overlay file names to try, in order: the readable [`overlay_file_name`], then
+/// [`overlay_file_name_hashed`] for when the first is taken.
+pub fn overlay_file_names(stem_of_active: &str, snapshot: &str) -> [String; 2] {
+    [
+        overlay_file_name(stem_of_active, snapshot),
+        overlay_file_name_hashed(stem_of_active, snapshot),
+    ]
+}
+
+/// The stem and snapshot parts of an overlay file name, made file-safe.
+fn file_safe_parts(stem_of_active: &str, snapshot: &str) -> (String, String) {
+    let mut stem = file_safe(stem_of_active);
+    if stem.is_empty() || stem.starts_with(['.', '-']) {
+        stem.insert(0, '_');
+    }
+    (stem, file_safe(snapshot))
+}
+
 /// Keeps `[A-Za-z0-9._-]` and replaces every other character with `_`, cutting the
-/// result at [`MAX_FILE_NAME_PART`] bytes. Returns whether anything was changed.
-fn file_safe(s: &str) -> (String, bool) {
+/// result at [`MAX_FILE_NAME_PART`] bytes.
+fn file_safe(s: &str) -> String {
     let mut out: String = s
         .chars()
         .map(|c| {
@@ -205,12 +228,8 @@ fn file_safe(s: &str) -> (String, bool) {
             }
         })
         .collect();
-    let mut changed = out != s;
-    if out.len() > MAX_FILE_NAME_PART {
-        out.truncate(MAX_FILE_NAME_PART);
-        changed = true;
-    }
-    (out, changed)
+    out.truncate(MAX_FILE_NAME_PART);
+    out
 }
 
 /// Maps a string onto node-name characters: runs of anything outside
@@ -507,37 +526,60 @@ mod tests {
     }
 
     #[test]
-    fn overlay_file_names() {
-        assert_eq!(overlay_file_name("vda", "s1"), "vda.s1.qcow2");
-        assert_eq!(
-            overlay_file_name("base", "pre-upgrade.2"),
-            "base.pre-upgrade.2.qcow2"
-        );
-        assert_eq!(overlay_file_name("vda", "a_b"), "vda.a_b.qcow2");
-        assert_eq!(overlay_file_name("vda", "-s1"), "vda.-s1.qcow2");
-        assert_eq!(overlay_file_name("vda", "..."), "vda.....qcow2");
-
-        for (stem, snap) in [
-            ("vda", "before upgrade"),
-            ("vda", "a*b"),
-            ("vda", "快照"),
-            ("vda", "a--b"),
-            (".vda", "s1"),
-            ("-vda", "s1"),
-            ("", "s1"),
+    fn overlay_file_names_are_readable() {
+        for (stem, snap, expected) in [
+            ("vda", "s1", "vda.s1.qcow2"),
+            ("base", "pre-upgrade.2", "base.pre-upgrade.2.qcow2"),
+            ("vda", "a_b", "vda.a_b.qcow2"),
+            ("vda", "a b", "vda.a_b.qcow2"),
+            ("vda", "a*b", "vda.a_b.qcow2"),
+            ("vda", "a--b", "vda.a--b.qcow2"),
+            ("vda", "before upgrade", "vda.before_upgrade.qcow2"),
+            ("vda", "快照", "vda.__.qcow2"),
+            ("vda", "-s1", "vda.-s1.qcow2"),
+            ("vda", "...", "vda.....qcow2"),
+            (".vda", "s1", "_.vda.s1.qcow2"),
+            ("-vda", "s1", "_-vda.s1.qcow2"),
+            ("", "s1", "_.s1.qcow2"),
         ] {
-            let name = overlay_file_name(stem, snap);
-            assert!(name.contains("--"), "{name} not hashed");
-            assert!(!name.starts_with(['.', '-']), "{name}");
-            assert!(name.ends_with(".qcow2"));
-            assert!(name.bytes().all(is_portable_byte), "{name}");
+            assert_eq!(overlay_file_name(stem, snap), expected, "{stem:?} {snap:?}");
+        }
+        let long = overlay_file_name("vda", &"x".repeat(255));
+        assert_eq!(long, format!("vda.{}.qcow2", "x".repeat(100)));
+    }
+
+    #[test]
+    fn hashed_overlay_file_names() {
+        for (stem, snap, readable) in [
+            ("vda", "s1", "vda.s1"),
+            ("vda", "a b", "vda.a_b"),
+            ("vda", "快照", "vda.__"),
+            (".vda", "s1", "_.vda.s1"),
+            ("", "s1", "_.s1"),
+        ] {
+            let name = overlay_file_name_hashed(stem, snap);
+            let hash = name
+                .strip_prefix(&format!("{readable}--"))
+                .and_then(|rest| rest.strip_suffix(".qcow2"))
+                .unwrap_or_else(|| panic!("{name} is not {readable}--<hash>.qcow2"));
+            assert_eq!(hash.len(), 10, "{name}");
+            assert!(hash.bytes().all(|b| b.is_ascii_alphanumeric()), "{name}");
+            assert_eq!(
+                name,
+                overlay_file_name_hashed(stem, snap),
+                "not deterministic"
+            );
+            assert_eq!(
+                overlay_file_names(stem, snap),
+                [overlay_file_name(stem, snap), name]
+            );
         }
     }
 
     #[test]
-    fn overlay_file_names_never_collide() {
+    fn overlay_file_names_are_portable_and_hashed_ones_never_collide() {
         let mut g = Gen(42);
-        let mut names: BTreeMap<String, String> = BTreeMap::new();
+        let mut hashed: BTreeMap<String, String> = BTreeMap::new();
         let mut snapshots: Vec<String> = (0..1000).map(|_| g.nasty(8)).collect();
         snapshots.extend(
             [
@@ -552,8 +594,7 @@ mod tests {
             .map(String::from),
         );
         // The hashed form of one name spelled out as another name.
-        let hashed = overlay_file_name("vda", "a b");
-        let spelled = hashed
+        let spelled = overlay_file_name_hashed("vda", "a b")
             .strip_prefix("vda.")
             .and_then(|s| s.strip_suffix(".qcow2"))
             .unwrap()
@@ -565,11 +606,15 @@ mod tests {
             if validate_snapshot_name(&snap).is_err() {
                 continue;
             }
-            let name = overlay_file_name("vda", &snap);
-            assert!(name.len() <= 255, "{name}");
-            assert!(!name.contains('/'));
-            assert!(name.bytes().all(is_portable_byte), "{name:?}");
-            if let Some(other) = names.insert(name.clone(), snap.clone()) {
+            for name in overlay_file_names("vda", &snap) {
+                assert!(name.len() <= 255, "{name}");
+                assert!(!name.starts_with(['.', '-']), "{name}");
+                assert!(name.ends_with(".qcow2"), "{name}");
+                assert!(name.bytes().all(is_portable_byte), "{name:?}");
+            }
+            let [readable, name] = overlay_file_names("vda", &snap);
+            assert_ne!(readable, name, "{snap:?}");
+            if let Some(other) = hashed.insert(name.clone(), snap.clone()) {
                 panic!("{other:?} and {snap:?} both map to {name}");
             }
         }

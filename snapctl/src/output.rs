@@ -44,24 +44,55 @@ pub fn list(record: &Record, tree: bool, as_json: bool) -> io::Result<()> {
         }
         return Ok(());
     }
-    writeln!(
-        out,
-        "{:<2}{:<20} {:<20} {:<12} {:<10} {:<12} DESCRIPTION",
-        "", "NAME", "CREATED", "PARENT", "KIND", "DISKS"
-    )?;
-    for s in &record.snapshots {
-        let v = SnapshotView::new(record, s);
-        writeln!(
-            out,
-            "{:<2}{:<20} {:<20} {:<12} {:<10} {:<12} {}",
-            if v.current { "*" } else { "" },
-            v.name,
-            s.created.strftime("%Y-%m-%d %H:%M:%S"),
-            v.parent.unwrap_or("-"),
-            kind(s),
-            s.disks.keys().cloned().collect::<Vec<_>>().join(","),
-            v.description.unwrap_or("")
-        )?;
+    // One row per snapshot: marker, then the columns below; each column as
+    // wide as its widest cell, so long names never push the others out of line.
+    const HEADER: [&str; 6] = [
+        "NAME",
+        "CREATED (UTC)",
+        "PARENT",
+        "KIND",
+        "DISKS",
+        "DESCRIPTION",
+    ];
+    let rows: Vec<(bool, [String; 6])> = record
+        .snapshots
+        .iter()
+        .map(|s| {
+            let v = SnapshotView::new(record, s);
+            (
+                v.current,
+                [
+                    v.name.to_owned(),
+                    s.created.strftime("%Y-%m-%d %H:%M:%SZ").to_string(),
+                    v.parent.unwrap_or("-").to_owned(),
+                    kind(s),
+                    s.disks.keys().cloned().collect::<Vec<_>>().join(","),
+                    v.description.unwrap_or("").to_owned(),
+                ],
+            )
+        })
+        .collect();
+    let mut widths = HEADER.map(|h| h.chars().count());
+    for (_, cells) in &rows {
+        for (w, cell) in widths.iter_mut().zip(cells) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |marker: &str, cells: [&str; 6]| {
+        let mut text = format!("{marker:<2}");
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        text.trim_end().to_owned()
+    };
+    writeln!(out, "{}", line("", HEADER))?;
+    for (current, cells) in &rows {
+        let cells = [0, 1, 2, 3, 4, 5].map(|i| cells[i].as_str());
+        writeln!(out, "{}", line(if *current { "*" } else { "" }, cells))?;
     }
     Ok(())
 }
@@ -168,23 +199,7 @@ pub fn chain(view: &ChainView, as_json: bool) -> io::Result<()> {
     for (disk, entries) in &view.disks {
         writeln!(out, "{disk} (from {}):", view.source)?;
         for e in entries {
-            let mut labels = Vec::new();
-            if e.active {
-                labels.push("active".to_owned());
-            }
-            if !e.snapshots.is_empty() {
-                labels.push(format!("holds {}", e.snapshots.join(", ")));
-            }
-            if !e.owned {
-                labels.push("foreign".to_owned());
-            }
-            writeln!(
-                out,
-                "  {} [{}] {}",
-                e.image.display(),
-                e.format,
-                labels.join("; ")
-            )?;
+            writeln!(out, "  {} [{}] {}", e.image.display(), e.format, e.label)?;
         }
     }
     Ok(())
@@ -301,7 +316,11 @@ pub fn init(record: &Record, added: &[String], as_json: bool) -> io::Result<()> 
         });
     }
     let mut out = io::stdout().lock();
-    writeln!(out, "registered {}", record.vm)?;
+    if added.is_empty() {
+        writeln!(out, "already registered {}", record.vm)?;
+    } else {
+        writeln!(out, "registered {}", record.vm)?;
+    }
     for id in record.disks.keys() {
         let chain: Vec<String> = record
             .chain(id)
@@ -531,24 +550,29 @@ pub fn deleted_json(reports: &[Deleted<'_>]) -> io::Result<()> {
 struct Merged<'a> {
     disk: &'a str,
     /// `{"operation": "commit", "top", "base"}` or `{"operation": "pull",
-    /// "active", "base"}` (`base` null: the active image stands alone).
-    merge: &'a MergeKind,
+    /// "active", "base"}` (`base` null: the active image stands alone); null
+    /// when there was nothing to do.
+    merge: Option<&'a MergeKind>,
     job: Option<JobView<'a>>,
     /// Snapshots whose state the commit destroyed, removed from the record.
     removed_snapshots: &'a [String],
     removed_files: &'a [PathBuf],
     warnings: &'a [String],
+    /// True when nothing had to be merged (a `pull` already done): nothing
+    /// changed, `merge` is null.
+    nothing_to_do: bool,
 }
 
 pub fn merged(op: &Merge, outcome: &Outcome, as_json: bool) -> io::Result<()> {
     if as_json {
         return json(&Merged {
             disk: &op.disk,
-            merge: &op.merge,
+            merge: Some(&op.merge),
             job: op.job.as_ref().map(JobView::of),
             removed_snapshots: &op.removed_snapshots,
             removed_files: &outcome.removed_files,
             warnings: &outcome.warnings,
+            nothing_to_do: false,
         });
     }
     let mut out = io::stdout().lock();
@@ -568,6 +592,23 @@ pub fn merged(op: &Merge, outcome: &Outcome, as_json: bool) -> io::Result<()> {
         writeln!(out, "  removed snapshot {s}: its state no longer exists")?;
     }
     removed_and_warnings(&mut out, outcome)
+}
+
+/// A merge with nothing to do (`reason` says why): one line on stdout, or the
+/// `commit`/`pull` document with `"merge": null` and `"nothing_to_do": true`.
+pub fn nothing_to_merge(disk: &str, reason: &str, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(&Merged {
+            disk,
+            merge: None,
+            job: None,
+            removed_snapshots: &[],
+            removed_files: &[],
+            warnings: &[],
+            nothing_to_do: true,
+        });
+    }
+    writeln!(io::stdout().lock(), "{reason}")
 }
 
 /// One of QEMU's jobs (`jobs --json`: `{"jobs": [...]}`).

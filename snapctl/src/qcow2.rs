@@ -1,10 +1,11 @@
 //! qcow2 overlays written natively: claiming a new file (`O_EXCL`, never over
-//! anything) and writing an empty qcow2 header that stands on a backing image,
-//! so that taking a snapshot costs neither a process start nor QMP round trips.
+//! anything), giving it the owner, group and permission bits of the image it
+//! covers, and writing an empty qcow2 header that stands on that image, so
+//! that taking a snapshot costs neither a process start nor QMP round trips.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::fs::{Metadata, OpenOptions};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
@@ -24,23 +25,105 @@ pub fn claim_file(path: &Path) -> Result<std::fs::File> {
         })
 }
 
+/// The image an overlay at `overlay` with backing string `backing` covers: the
+/// backing string itself when absolute, else relative to the overlay's
+/// directory (as QEMU resolves it).
+pub fn covered_image(overlay: &Path, backing: &str) -> PathBuf {
+    let backing = Path::new(backing);
+    if backing.is_absolute() {
+        backing.to_owned()
+    } else {
+        overlay.parent().unwrap_or(Path::new("/")).join(backing)
+    }
+}
+
+/// Who a new overlay belongs to: the owner, group and permission bits of the
+/// image it covers, so that whoever QEMU runs as can open it as it opened
+/// that image. The owner always gets read and write (QEMU writes the overlay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ownership {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+impl Ownership {
+    /// The ownership an overlay on an image with metadata `covered` gets.
+    pub fn of(covered: &Metadata) -> Ownership {
+        Ownership {
+            uid: covered.uid(),
+            gid: covered.gid(),
+            mode: (covered.mode() & 0o777) | 0o600,
+        }
+    }
+}
+
+/// The ownership an overlay at `overlay` gets when it covers `covered`, or an
+/// error when snapctl cannot give it: not root, and the image belongs to
+/// another user. Checked before anything is created.
+pub fn overlay_ownership(overlay: &Path, covered: &Path) -> Result<Ownership> {
+    let meta = std::fs::metadata(covered).map_err(|source| Error::Io {
+        action: "read the owner of",
+        path: covered.to_owned(),
+        source,
+    })?;
+    let wanted = Ownership::of(&meta);
+    let euid = nix::unistd::geteuid();
+    if !euid.is_root() && euid.as_raw() != wanted.uid {
+        return Err(Error::Refused(format!(
+            "cannot create {} owned like {}: that image belongs to uid {} and snapctl runs as uid {} (not root); run snapctl as root or as uid {}",
+            overlay.display(),
+            covered.display(),
+            wanted.uid,
+            euid.as_raw(),
+            wanted.uid
+        )));
+    }
+    Ok(wanted)
+}
+
 /// Creates a qcow2 overlay at `path` of `size` bytes, backed by `backing`
-/// (format `backing_format`), written into the header as given.
+/// (format `backing_format`), written into the header as given, owned like
+/// the image it covers ([`overlay_ownership`]).
 ///
 /// Never over an existing file: the path is claimed with `O_CREAT|O_EXCL`
-/// (which also refuses a symlink planted there) and the header written into
-/// the file snapctl now owns ([`write_qcow2_overlay`]). On failure the file is
-/// removed.
+/// (which also refuses a symlink planted there); the owner, group and
+/// permission bits are set on the open file (`fchown`, `fchmod`: nothing is
+/// looked up by path again) and the header written into the file snapctl now
+/// owns ([`write_qcow2_overlay`]). On failure the file is removed.
 pub fn new_overlay(path: &Path, size: u64, backing: &str, backing_format: &str) -> Result<()> {
+    let ownership = overlay_ownership(path, &covered_image(path, backing))?;
     let mut file = claim_file(path)?;
-    write_qcow2_overlay(&mut file, size, backing, backing_format).map_err(|source| {
+    let fail = |action, source| {
         let _ = std::fs::remove_file(path);
         Error::Io {
-            action: "write overlay",
+            action,
             path: path.to_owned(),
             source,
         }
-    })
+    };
+    set_ownership(&file, ownership).map_err(|e| fail("set the owner of", e))?;
+    write_qcow2_overlay(&mut file, size, backing, backing_format)
+        .map_err(|e| fail("write overlay", e))
+}
+
+/// Gives the open `file` `ownership`. The owner is changed only when it
+/// differs (root only, checked by [`overlay_ownership`]); a group snapctl may
+/// not give (a user who is not in it) is left as it is.
+fn set_ownership(file: &std::fs::File, ownership: Ownership) -> std::io::Result<()> {
+    let meta = file.metadata()?;
+    if meta.uid() != ownership.uid || meta.gid() != ownership.gid {
+        let uid = (meta.uid() != ownership.uid).then_some(ownership.uid);
+        match std::os::unix::fs::fchown(file, uid, Some(ownership.gid)) {
+            Ok(()) => {}
+            Err(e) if uid.is_none() && e.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::debug!(gid = ownership.gid, "cannot give the overlay its group");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // After the chown, which may clear mode bits.
+    file.set_permissions(std::fs::Permissions::from_mode(ownership.mode))
 }
 
 #[cfg(test)]
@@ -217,6 +300,51 @@ fn write_qcow2(
     // The L1 table is all zeros (nothing allocated): extending the file is enough.
     file.set_len(l1_table + l1_bytes)?;
     file.sync_all()
+}
+
+#[cfg(test)]
+mod ownership_tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    /// The overlay gets the owner, group and permission bits of the image it
+    /// covers (as root, another user's image; otherwise one's own).
+    #[test]
+    fn overlay_is_owned_like_the_image_it_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        std::fs::write(&base, b"").unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let root = nix::unistd::geteuid().is_root();
+        let (uid, gid) = if root {
+            (65534, 65534)
+        } else {
+            let m = std::fs::metadata(&base).unwrap();
+            (m.uid(), m.gid())
+        };
+        if root {
+            std::os::unix::fs::chown(&base, Some(uid), Some(gid)).unwrap();
+        }
+        let overlay = dir.path().join("o.qcow2");
+        new_overlay(&overlay, 1 << 20, base.to_str().unwrap(), "qcow2").unwrap();
+        let m = std::fs::symlink_metadata(&overlay).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (uid, gid, 0o640));
+
+        // A relative backing string is resolved from the overlay's directory;
+        // the owner always gets read and write.
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let overlay = dir.path().join("o2.qcow2");
+        new_overlay(&overlay, 1 << 20, "base.qcow2", "qcow2").unwrap();
+        let m = std::fs::symlink_metadata(&overlay).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (uid, gid, 0o644));
+
+        // A covered image that cannot be read: nothing is created.
+        let overlay = dir.path().join("o3.qcow2");
+        let err = new_overlay(&overlay, 1 << 20, "missing.qcow2", "qcow2").unwrap_err();
+        assert!(err.to_string().contains("missing.qcow2"), "{err}");
+        assert!(!overlay.exists());
+    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ use crate::record::{JournalEntry, Record};
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
+    /// Opened with [`Store::open_read_only`]: nothing is locked or written.
+    read_only: bool,
 }
 
 impl Store {
@@ -61,7 +63,30 @@ impl Store {
         }
         Ok(Store {
             dir: state_dir.to_owned(),
+            read_only: false,
         })
+    }
+
+    /// Opens the store in `state_dir` for reading only: nothing is created. A missing
+    /// directory is an empty store (no VM is registered); [`Store::peek`] and
+    /// [`Store::list_vms`] work, and nothing may be locked or written through it.
+    ///
+    /// Fails when `state_dir` exists and is not a directory (or a symlink to one).
+    pub fn open_read_only(state_dir: &Path) -> Result<Store> {
+        match fs::metadata(state_dir) {
+            Ok(meta) if !meta.is_dir() => Err(Error::StateDirNotDirectory {
+                path: state_dir.to_owned(),
+            }),
+            Ok(_) => Ok(Store {
+                dir: state_dir.to_owned(),
+                read_only: true,
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Store {
+                dir: state_dir.to_owned(),
+                read_only: true,
+            }),
+            Err(e) => Err(Error::io("inspect state directory", state_dir, e)),
+        }
     }
 
     /// The state directory to use when none is given: `/var/lib/snapctl` for root, else
@@ -98,13 +123,16 @@ impl Store {
     /// holder writes its pid into the file so that a waiter that gives up can name it in
     /// [`Error::Locked`]. Lock files are never removed: removing one while another process
     /// waits on it would let two processes hold "the" lock at once.
+    ///
+    /// On a store opened with [`Store::open_read_only`] the lock file must exist already
+    /// (it is never created), and the record cannot be written through the lock.
     pub fn lock(&self, vm: &str, wait: Duration) -> Result<VmLock> {
         validate_vm_name(vm)?;
         let path = self.dir.join(format!("{vm}.lock"));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(!self.read_only)
             .truncate(false)
             .mode(0o600)
             // A symlink planted at the lock path is refused, never followed.
@@ -143,6 +171,7 @@ impl Store {
             vm: vm.to_owned(),
             dir: self.dir.clone(),
             record_path: self.record_path(vm)?,
+            read_only: self.read_only,
         })
     }
 
@@ -156,8 +185,12 @@ impl Store {
 
     /// The VMs that have a record, sorted by name.
     pub fn list_vms(&self) -> Result<Vec<String>> {
-        let entries =
-            fs::read_dir(&self.dir).map_err(|e| Error::io("list state directory", &self.dir, e))?;
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            // A store opened read-only on a directory that does not exist (yet).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list state directory", &self.dir, e)),
+        };
         let mut vms = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| Error::io("list state directory", &self.dir, e))?;
@@ -181,6 +214,8 @@ pub struct VmLock {
     vm: String,
     dir: PathBuf,
     record_path: PathBuf,
+    /// Taken on a read-only store: the record is never written.
+    read_only: bool,
 }
 
 impl VmLock {
@@ -201,6 +236,7 @@ impl VmLock {
     /// `before` is the record as loaded then, `None` when there was none (the
     /// file is removed, so a failed first `create` leaves no registration behind).
     pub fn restore(&self, before: Option<&Record>) -> Result<()> {
+        self.check_writable()?;
         match before {
             Some(rec) => self.save(rec),
             None => {
@@ -235,6 +271,7 @@ impl VmLock {
                 found: rec.vm.clone(),
             });
         }
+        self.check_writable()?;
         rec.validate()?;
         let json = rec.to_json()?;
         self.check_overwritable()?;
@@ -254,6 +291,18 @@ impl VmLock {
         File::open(&self.dir)
             .and_then(|dir| dir.sync_all())
             .map_err(in_dir("flush state directory"))?;
+        Ok(())
+    }
+
+    /// Fails on a lock taken on a read-only store.
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::Refused(format!(
+                "the state directory {} was opened read-only: the record of vm {} cannot be written",
+                self.dir.display(),
+                self.vm
+            )));
+        }
         Ok(())
     }
 

@@ -100,6 +100,9 @@ pub struct ChainEntry {
     pub snapshots: Vec<String>,
     /// Whether snapctl created the image (false: found, never written).
     pub owned: bool,
+    /// What the image is, for people: `active (changes since s2)`, `frozen by
+    /// s2; changes after s1`, `base; frozen by s1; foreign` (see [`label`]).
+    pub label: String,
 }
 
 /// `chain --json`.
@@ -130,7 +133,7 @@ pub fn chains(record: &Record, live: Option<&LiveGraph>, only: Option<&str>) -> 
                 .map(|i| (i.filename, i.format))
                 .collect(),
         };
-        let entries = files
+        let mut entries: Vec<ChainEntry> = files
             .into_iter()
             .enumerate()
             .map(|(i, (image, format))| ChainEntry {
@@ -144,14 +147,55 @@ pub fn chains(record: &Record, live: Option<&LiveGraph>, only: Option<&str>) -> 
                 active: i == 0,
                 image,
                 format,
+                label: String::new(),
             })
             .collect();
+        for i in 0..entries.len() {
+            entries[i].label = label(&entries, i);
+        }
         out.insert(id.clone(), entries);
     }
     Ok(ChainView {
         source: if live.is_some() { "qemu" } else { "images" },
         disks: out,
     })
+}
+
+/// What `chain[i]` is (a chain, active image first), for people:
+///
+/// - the active image: `active (changes since S)`, S being the snapshot that
+///   froze the layer below it (`since the start` when none did);
+/// - the bottom layer: `base`;
+/// - an image snapshots froze: `frozen by S`, and when it is not the base,
+///   what it holds: `changes after P`, P being the snapshot that froze the
+///   layer below it;
+/// - `foreign` when snapctl did not create it.
+///
+/// The parts are joined with `; `.
+pub fn label(chain: &[ChainEntry], i: usize) -> String {
+    let entry = &chain[i];
+    let below = chain.get(i + 1).filter(|b| !b.snapshots.is_empty());
+    let mut parts = Vec::new();
+    if entry.active {
+        parts.push(match below {
+            Some(b) => format!("active (changes since {})", b.snapshots.join(", ")),
+            None => "active (changes since the start)".to_owned(),
+        });
+    } else if i + 1 == chain.len() {
+        parts.push("base".to_owned());
+    }
+    if !entry.snapshots.is_empty() {
+        parts.push(format!("frozen by {}", entry.snapshots.join(", ")));
+    }
+    if !entry.active
+        && let Some(b) = below
+    {
+        parts.push(format!("changes after {}", b.snapshots.join(", ")));
+    }
+    if !entry.owned {
+        parts.push("foreign".to_owned());
+    }
+    parts.join("; ")
 }
 
 /// The QEMU arguments that reopen the recorded chains: one `-blockdev` per
@@ -208,6 +252,69 @@ pub use crate::names::shell_quote;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(active: bool, snapshots: &[&str], owned: bool) -> ChainEntry {
+        ChainEntry {
+            image: PathBuf::from("/img/x.qcow2"),
+            format: "qcow2".into(),
+            active,
+            snapshots: snapshots.iter().map(|s| s.to_string()).collect(),
+            owned,
+            label: String::new(),
+        }
+    }
+
+    fn labels(chain: &[ChainEntry]) -> Vec<String> {
+        (0..chain.len()).map(|i| label(chain, i)).collect()
+    }
+
+    #[test]
+    fn chain_labels_say_what_each_image_is() {
+        let chain = [
+            entry(true, &[], true),
+            entry(false, &["s2"], true),
+            entry(false, &["s1"], false),
+        ];
+        assert_eq!(
+            labels(&chain),
+            [
+                "active (changes since s2)",
+                "frozen by s2; changes after s1",
+                "base; frozen by s1; foreign",
+            ]
+        );
+        // No snapshot yet; a layer below that no snapshot froze.
+        let chain = [
+            entry(true, &[], true),
+            entry(false, &[], false),
+            entry(false, &[], false),
+        ];
+        assert_eq!(
+            labels(&chain),
+            [
+                "active (changes since the start)",
+                "foreign",
+                "base; foreign"
+            ]
+        );
+        let chain = [
+            entry(true, &[], true),
+            entry(false, &["s1"], false),
+            entry(false, &[], false),
+        ];
+        assert_eq!(
+            labels(&chain),
+            [
+                "active (changes since s1)",
+                "frozen by s1; foreign",
+                "base; foreign"
+            ]
+        );
+        assert_eq!(
+            labels(&[entry(true, &[], false)]),
+            ["active (changes since the start); foreign"]
+        );
+    }
 
     #[test]
     fn quoting() {

@@ -207,7 +207,7 @@ pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<
                 recorded.active.display()
             )));
         }
-        let overlay = overlay_path(opts, &disk.id, &active.filename)?;
+        let overlay = overlay_path(facts, opts, &disk.id, &active.filename)?;
         let reused = reuses(opts, &disk.id);
         if reused {
             check_reusable(facts, &overlay, &active.filename, active.virtual_size)?;
@@ -336,7 +336,7 @@ fn plan_offline(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Res
                     frozen.display()
                 ))
             })?;
-        let overlay = overlay_path(opts, id, frozen)?;
+        let overlay = overlay_path(facts, opts, id, frozen)?;
         let reused = reuses(opts, id);
         if reused {
             check_reusable(facts, &overlay, frozen, virtual_size)?;
@@ -392,18 +392,30 @@ fn plan_offline(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Res
 }
 
 /// Where disk `id`'s overlay goes: the user's path, or
-/// `<dir of the active image>/<disk>.<snapshot>.qcow2`.
-fn overlay_path(opts: &CreateOptions, id: &str, active: &Path) -> Result<PathBuf> {
+/// `<dir of the active image>/<disk>.<snapshot>.qcow2` (the readable name; the
+/// hashed one when that is taken).
+fn overlay_path(
+    facts: &Facts<'_>,
+    opts: &CreateOptions,
+    id: &str,
+    active: &Path,
+) -> Result<PathBuf> {
     match opts.overlays.get(id) {
         Some(path) => std::path::absolute(path).map_err(|source| Error::Io {
             action: "resolve",
             path: path.to_owned(),
             source,
         }),
-        None => Ok(active
-            .parent()
-            .unwrap_or(Path::new("/"))
-            .join(names::overlay_file_name(id, &opts.name))),
+        None => {
+            let dir = active.parent().unwrap_or(Path::new("/"));
+            let [readable, hashed] =
+                names::overlay_file_names(id, &opts.name).map(|name| dir.join(name));
+            Ok(if facts.host.exists(&readable) {
+                hashed
+            } else {
+                readable
+            })
+        }
     }
 }
 

@@ -22,8 +22,8 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    Facts, Plan, Step, commit_job, job_steps, live_nodes, qemu_img_commit, qemu_img_relink,
-    qemu_img_stream, removals, stream_job,
+    Facts, Plan, Step, commit_job, job_steps, known_disk, live_nodes, qemu_img_commit,
+    qemu_img_relink, qemu_img_stream, removals, stream_job,
 };
 use crate::error::{Error, Result};
 use crate::names;
@@ -36,17 +36,6 @@ fn layer_of(record: &Record, disk: &str, snapshot: &str) -> Result<PathBuf> {
         .get(disk)
         .map(|d| d.image.clone())
         .ok_or_else(|| Error::Refused(format!("snapshot {snapshot} does not cover disk {disk}")))
-}
-
-fn known_disk(record: &Record, disk: &str) -> Result<()> {
-    if record.disks.contains_key(disk) {
-        return Ok(());
-    }
-    Err(Error::UnknownDisk {
-        vm: record.vm.clone(),
-        disk: disk.to_owned(),
-        known: record.disks.keys().cloned().collect::<Vec<_>>().join(", "),
-    })
 }
 
 fn position(chain: &[&Path], image: &Path, what: &str, disk: &str) -> Result<usize> {
@@ -138,6 +127,32 @@ pub fn plan_commit(
     Ok(Plan {
         steps: steps(record, &merge),
         operation: Operation::Commit(merge),
+    })
+}
+
+/// Why `pull DISK [--base B]` has nothing to do, when it has nothing to do:
+/// the active image stands alone already (no `--base`), or stands on B's
+/// frozen image already. [`plan_pull`] refuses such a pull; the command line
+/// makes it a no-op.
+pub fn nothing_to_pull(record: &Record, disk: &str, base: Option<&str>) -> Result<Option<String>> {
+    known_disk(record, disk)?;
+    let chain = record.chain(disk);
+    Ok(match base {
+        None if chain.len() == 1 => Some(format!(
+            "{disk}: nothing to pull: {} stands alone already",
+            chain[0].display()
+        )),
+        None => None,
+        Some(name) => {
+            let b = position(&chain, &layer_of(record, disk, name)?, "base", disk)?;
+            (b == 1).then(|| {
+                format!(
+                    "{disk}: nothing to pull: {} stands on {name}'s image {} already",
+                    chain[0].display(),
+                    chain[1].display()
+                )
+            })
+        }
     })
 }
 

@@ -453,6 +453,20 @@ pub fn qemu_img_stream(image: &Path, backing: Option<(&Path, &str)>) -> Step {
     Step::Tool { argv }
 }
 
+/// Refuses a disk the record does not know, naming the ones it knows: every
+/// command that takes a disk (`chain`, `qemu-args`, `commit`, `pull`) checks
+/// it here.
+pub fn known_disk(record: &crate::record::Record, disk: &str) -> crate::error::Result<()> {
+    if record.disks.contains_key(disk) {
+        return Ok(());
+    }
+    Err(crate::error::Error::UnknownDisk {
+        vm: record.vm.clone(),
+        disk: disk.to_owned(),
+        known: record.disks.keys().cloned().collect::<Vec<_>>().join(", "),
+    })
+}
+
 /// The live chain of `disk`'s device, which must be the recorded chain
 /// (`chain`, top first): its node names.
 pub fn live_nodes(

@@ -13,7 +13,7 @@ use super::{DirState, Facts, Host, ImageFacts, Plan, Step};
 use crate::check::{self, Drift, RunningJob};
 use crate::error::{Error, Result};
 use crate::graph::{LiveDisk, LiveGraph, LiveLayer};
-use crate::names::node_name;
+use crate::names::{self, node_name};
 use crate::operation::{
     Boundary, Create, Delete, DiskDelete, DiskRevert, DiskSnapshot, LiveJob, Merge, MergeKind,
     OpenLayer, Operation, Revert,
@@ -702,10 +702,11 @@ fn create_refuses_an_overlay_path_that_cannot_be_created() {
     let record = two_disks().build();
     let live = create_live(&record);
     let opts = CreateOptions::named("s3");
+    let hashed = format!("/img/{}", names::overlay_file_name_hashed("vdb", "s3"));
     let cases = [
         (
-            FakeHost::new().file("/img/vdb.s3.qcow2"),
-            "/img/vdb.s3.qcow2",
+            FakeHost::new().file("/img/vdb.s3.qcow2").file(&hashed),
+            hashed.as_str(),
             "it already exists",
         ),
         (
@@ -728,6 +729,33 @@ fn create_refuses_an_overlay_path_that_cannot_be_created() {
         let err = refused(plan_create(&record, &live, &host, &opts));
         assert_eq!(overlay_refusal(err), (p(path), reason));
     }
+}
+
+/// Overlay file names stay readable (`vda.a_b.qcow2` for "a b"); a name
+/// whose readable file is taken (by "a_b", say) gets the hashed one.
+#[test]
+fn create_names_overlays_readably_and_hashes_only_on_a_clash() {
+    let record = two_disks().build();
+    let live = create_live(&record);
+    let opts = CreateOptions::named("a b");
+    let overlays = |host: &FakeHost| -> Vec<PathBuf> {
+        let plan = plan_create(&record, &live, host, &opts).unwrap();
+        create_of(&plan)
+            .disks
+            .iter()
+            .map(|d| d.overlay.clone())
+            .collect()
+    };
+    assert_eq!(
+        overlays(&FakeHost::new()),
+        [p("/img/vda.a_b.qcow2"), p("/img/vdb.a_b.qcow2")]
+    );
+    let hashed = format!("/img/{}", names::overlay_file_name_hashed("vdb", "a b"));
+    assert!(hashed.starts_with("/img/vdb.a_b--"), "{hashed}");
+    assert_eq!(
+        overlays(&FakeHost::new().file("/img/vdb.a_b.qcow2")),
+        [p("/img/vda.a_b.qcow2"), p(&hashed)]
+    );
 }
 
 #[test]

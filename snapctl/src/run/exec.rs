@@ -108,6 +108,22 @@ impl<'a> Executor<'a> {
         steps: &[Step],
         record: &mut (dyn FnMut() -> Result<()> + Send),
     ) -> std::result::Result<(), Failure> {
+        // An overlay that cannot be owned like the image it covers fails the
+        // run before its first step.
+        for step in steps {
+            if let Step::CreateOverlay { path, backing, .. } = step
+                && let Err(error) = crate::qcow2::overlay_ownership(
+                    path,
+                    &crate::qcow2::covered_image(path, backing),
+                )
+            {
+                return Err(Failure {
+                    error,
+                    switched: false,
+                    recorded: false,
+                });
+            }
+        }
         let mut i = 0;
         while i < steps.len() {
             // Consecutive independent `blockdev-add`s go out together.

@@ -295,8 +295,7 @@ fn unicode_names_get_safe_overlay_files() {
         assert_eq!(overlay.parent(), Some(vm.images().as_path()), "{overlay:?}");
         let file = overlay.file_name().unwrap().to_str().unwrap().to_owned();
         assert!(new.contains(&file), "{file} not in {new:?}");
-        assert!(file.starts_with(&format!("{disk}.f_r-__--")), "{file}");
-        assert!(file.ends_with(".qcow2"), "{file}");
+        assert_eq!(file, format!("{disk}.f_r-__.qcow2"));
         assert!(
             file.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
@@ -369,14 +368,24 @@ fn state_directory_and_record_are_private() {
     modes("after init");
     vm.snapctl.args(["create", "s1"]).ok();
     modes("after create");
-    // Overlays snapctl creates hold guest data: not readable by others either.
+    // Overlays snapctl creates hold guest data: they are exactly as private as
+    // the images they cover (their permission bits, whatever the umask).
     let record = vm.snapctl.record();
     let overlay = record["disks"]["vda"]["active"].as_str().unwrap();
-    assert_eq!(mode_of(Path::new(overlay)) & 0o077, 0, "{overlay}");
+    let base = vm.image("base.qcow2");
+    assert_eq!(mode_of(Path::new(overlay)), mode_of(&base), "{overlay}");
+    std::fs::set_permissions(
+        vm.image("vda.s1.qcow2"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    vm.snapctl.args(["create", "s2"]).ok();
+    assert_eq!(mode_of(&vm.image("vda.s2.qcow2")), 0o600);
 }
 
-/// A symlink planted where an overlay is to go, given with `--overlay` or at
-/// the default overlay name, is refused; its target is never created.
+/// A symlink planted where an overlay is to go is never followed: given with
+/// `--overlay` it is refused; at the default overlay name, the overlay gets
+/// the hashed name beside it. Its target is never created or written.
 #[test]
 fn planted_symlink_overlay_is_refused() {
     let mut vm = Vm::two_disks();
@@ -395,23 +404,10 @@ fn planted_symlink_overlay_is_refused() {
     let mut overlay = OsString::from("vda=");
     overlay.push(&link);
     let before = vm.untouched_state();
-    let cases: Vec<(Vec<OsString>, Vec<String>)> = vec![
-        (
-            vec!["create".into(), "s1".into(), "--overlay".into(), overlay],
-            vec![link.display().to_string(), "already exists".into()],
-        ),
-        (
-            vec!["create".into(), "s9".into()],
-            vec![default_name.display().to_string(), "already exists".into()],
-        ),
-        (
-            vec!["create".into(), "s8".into()],
-            vec![
-                link_to_existing.display().to_string(),
-                "already exists".into(),
-            ],
-        ),
-    ];
+    let cases: Vec<(Vec<OsString>, Vec<String>)> = vec![(
+        vec!["create".into(), "s1".into(), "--overlay".into(), overlay],
+        vec![link.display().to_string(), "already exists".into()],
+    )];
     for (args, expected) in &cases {
         let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
         let mut cmd = vm.snapctl.args(args);
@@ -420,6 +416,26 @@ fn planted_symlink_overlay_is_refused() {
         vm.assert_untouched(&before, &what);
         assert!(!target.exists(), "{what}: the symlink was followed");
         assert_eq!(std::fs::read(&existing).unwrap(), b"precious", "{what}");
+    }
+    for (name, disk, link) in [
+        ("s9", "vda", &default_name),
+        ("s8", "vdb", &link_to_existing),
+    ] {
+        let created = vm.snapctl.args(["create", name]).json();
+        let overlay = PathBuf::from(created["disks"][disk]["overlay"].as_str().unwrap());
+        let file = overlay.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            file.starts_with(&format!("{disk}.{name}--")) && file.ends_with(".qcow2"),
+            "{file}"
+        );
+        assert_eq!(overlay.parent(), link.parent());
+        assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+        assert!(!target.exists(), "create {name}: the symlink was followed");
+        assert_eq!(
+            std::fs::read(&existing).unwrap(),
+            b"precious",
+            "create {name}"
+        );
     }
     std::fs::remove_file(&existing).unwrap();
 }

@@ -20,8 +20,10 @@
 //! | [`hostile`] | hand-edited records, hostile names, planted symlinks, permissions |
 //! | [`offline`] | snapshots taken while QEMU is stopped, and QEMU restarted on them |
 //! | [`jobs`] | `commit`, `pull`, `jobs`, `job` on a one-disk VM |
+//! | [`ownership`] | overlays owned like the images they cover; a QEMU running as another user |
 //! | [`store`] | the record store against real files: atomic saves, damage, locks |
 //! | [`surgery`] | `revert` and `delete` on a two-disk VM |
+//! | [`usability`] | what people see: chain labels, `list`, usage and help, no-op `init`/`pull`, read-only commands, overlay names, unknown disks |
 
 mod adopt;
 mod bookkeeping;
@@ -33,6 +35,8 @@ mod faults;
 mod hostile;
 mod jobs;
 mod offline;
+mod ownership;
 mod store;
 mod surgery;
+mod usability;
 mod util;

@@ -76,8 +76,9 @@ impl Snapctl {
         })
     }
 
-    /// A snapctl command with the global options set; add the subcommand with `args`.
-    pub fn cmd(&self) -> TestCommand {
+    /// A snapctl command with no global option set, on the command line or in
+    /// the environment (set them with [`TestCommand::env`]).
+    pub fn bare() -> TestCommand {
         let mut command = Command::new(env!("CARGO_BIN_EXE_snapctl"));
         for var in [
             "SNAPCTL_VM",
@@ -88,6 +89,12 @@ impl Snapctl {
         ] {
             command.env_remove(var);
         }
+        TestCommand { command }
+    }
+
+    /// A snapctl command with the global options set; add the subcommand with `args`.
+    pub fn cmd(&self) -> TestCommand {
+        let mut command = Snapctl::bare().command;
         command
             .arg("--state-dir")
             .arg(&self.state_dir)
@@ -133,6 +140,13 @@ impl TestCommand {
     /// Sets an environment variable for the run (e.g. `SNAPCTL_FAULT`).
     pub fn env(mut self, key: &str, value: &str) -> TestCommand {
         self.command.env(key, value);
+        self
+    }
+
+    /// Runs the command as another user (the test runs as root).
+    pub fn run_as(mut self, uid: u32, gid: u32) -> TestCommand {
+        use std::os::unix::process::CommandExt;
+        self.command.uid(uid).gid(gid);
         self
     }
 
