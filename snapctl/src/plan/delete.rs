@@ -255,6 +255,11 @@ pub fn apply(record: &mut Record, delete: &Delete) -> Vec<PathBuf> {
 
 /// What `delete` of `delete.snapshot` did, one line per disk, for people.
 pub fn summary(delete: &Delete) -> Vec<String> {
+    let kept = delete
+        .memory
+        .iter()
+        .filter(|_| delete.keep_files)
+        .map(|m| format!("kept the memory state file {}", m.display()));
     delete
         .disks
         .iter()
@@ -285,6 +290,7 @@ pub fn summary(delete: &Delete) -> Vec<String> {
                 }
             }
         })
+        .chain(kept)
         .collect()
 }
 

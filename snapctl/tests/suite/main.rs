@@ -12,6 +12,7 @@
 //! |---|---|
 //! | [`adopt`] | a chain changed outside snapctl: `check` remedies, `check --repair --adopt` |
 //! | [`bookkeeping`] | `current`, `describe`, `rename`, `create --reuse-external` |
+//! | [`checkpoints`] | `create --memory`: memory and disks reverted in the same QEMU, offline and after a crash |
 //! | [`cli`] | `init`, `create`, `list`, `show`, `chain`, `check`, `qemu-args`; refusals that change nothing |
 //! | [`concurrency`] | several snapctl processes on one VM at once |
 //! | [`disks`] | which disks a snapshot covers (a `-device` without `id=`), one record per QEMU |
@@ -27,6 +28,7 @@
 
 mod adopt;
 mod bookkeeping;
+mod checkpoints;
 mod cli;
 mod concurrency;
 mod disks;

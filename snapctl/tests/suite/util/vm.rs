@@ -130,7 +130,8 @@ impl Vm {
         Vm::two_disks_with(QemuBuilder::new().paused(false))
     }
 
-    fn two_disks_with(builder: QemuBuilder) -> Vm {
+    /// The standard two-disk VM started from `builder` (extra options, run state).
+    pub fn two_disks_with(builder: QemuBuilder) -> Vm {
         let dir = WorkDir::new();
         let img = dir.join("img");
         std::fs::create_dir(&img).unwrap();
