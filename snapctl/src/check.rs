@@ -18,7 +18,8 @@ use crate::record::Record;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Drift {
     /// A stable keyword: `active-image`, `missing-file`, `backing`, `format`,
-    /// `missing-disk`, `unmanaged-disk`, `missing-memory`, `job-running`, `journal`.
+    /// `missing-disk`, `unmanaged-disk`, `missing-memory`, `missing-internal`,
+    /// `job-running`, `journal`.
     pub kind: &'static str,
     pub disk: Option<String>,
     pub message: String,
@@ -36,6 +37,9 @@ impl Drift {
                 "`snapctl check --repair --adopt` (QEMU running) records QEMU's chain as it is"
             }
             "missing-file" => "restore the file: snapctl cannot recreate an image's data",
+            "missing-internal" => {
+                "`snapctl delete NAME --metadata-only` forgets it; its image no longer has it"
+            }
             "missing-memory" => {
                 "restore the file, or `snapctl delete NAME --metadata-only` to forget the checkpoint"
             }
@@ -103,6 +107,25 @@ pub fn drifts(record: &Record, live: Option<&LiveGraph>, jobs: &[RunningJob]) ->
         }
     }
     for s in &record.snapshots {
+        if let Some(state) = &s.internal {
+            for (disk, sd) in &s.disks {
+                let held = images::backing_chain(&sd.image)
+                    .ok()
+                    .and_then(|chain| chain.into_iter().next())
+                    .is_some_and(|info| info.holds(&state.tag));
+                if !held {
+                    out.push(Drift {
+                        kind: "missing-internal",
+                        disk: Some(disk.clone()),
+                        message: format!(
+                            "internal snapshot {} is missing from {}",
+                            s.name,
+                            sd.image.display()
+                        ),
+                    });
+                }
+            }
+        }
         if let Some(memory) = s.memory.as_ref().filter(|m| !m.path.exists()) {
             out.push(Drift {
                 kind: "missing-memory",

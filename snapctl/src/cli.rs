@@ -311,6 +311,11 @@ pub struct CreateArgs {
     #[arg(long, conflicts_with = "quiesce")]
     pub memory: bool,
 
+    /// An internal snapshot (savevm style): each disk's state inside its own active
+    /// qcow2 image, the memory and device state in the first one's; no overlay.
+    #[arg(long, conflicts_with_all = ["memory", "quiesce", "overlays", "reuse_external"])]
+    pub internal: bool,
+
     /// Where the checkpoint's state goes [default: beside the first overlay].
     #[arg(long, value_name = "PATH", requires = "memory")]
     pub memory_file: Option<PathBuf>,

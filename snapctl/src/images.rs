@@ -27,6 +27,22 @@ pub struct ImageInfo {
     pub backing_path: Option<PathBuf>,
     #[serde(rename = "backing-filename-format", default)]
     pub backing_format: Option<String>,
+    /// The internal snapshots the image holds.
+    #[serde(default)]
+    pub snapshots: Vec<InternalSnapshotInfo>,
+}
+
+/// One internal snapshot in an image's header.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct InternalSnapshotInfo {
+    pub name: String,
+}
+
+impl ImageInfo {
+    /// Whether the image holds an internal snapshot named `tag`.
+    pub fn holds(&self, tag: &str) -> bool {
+        self.snapshots.iter().any(|s| s.name == tag)
+    }
 }
 
 fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>> {

@@ -198,8 +198,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     steps.extend(plan.steps);
                     // Plan the next target against the record as this one
                     // leaves it (in memory only: nothing is saved).
-                    if let Operation::Delete(op) = &plan.operation {
-                        snapctl::plan::delete::apply(session.record_mut(), op);
+                    match &plan.operation {
+                        Operation::Delete(op) => {
+                            snapctl::plan::delete::apply(session.record_mut(), op);
+                        }
+                        Operation::Internal(op) => {
+                            snapctl::plan::internal::apply(session.record_mut(), op)
+                        }
+                        _ => {}
                     }
                 }
                 output::plan(&steps, g.json)?;
@@ -213,17 +219,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .plan_delete(target, *metadata_only, bandwidth)
                     .await?;
                 let outcome = session.run(&plan, &options).await?;
-                let Operation::Delete(op) = plan.operation else {
-                    unreachable!("a delete plan holds a delete")
-                };
                 if !g.json {
-                    output::deleted_text(&op, &outcome)?;
+                    output::deleted_text(&plan.operation, &outcome)?;
                 }
-                done.push((op, outcome));
+                done.push((plan.operation, outcome));
             }
             watcher.abort();
             if g.json {
-                let reports: Vec<_> = done.iter().map(|(op, o)| output::deleted(op, o)).collect();
+                let reports: Vec<_> = done
+                    .iter()
+                    .filter_map(|(op, o)| output::deleted(op, o))
+                    .collect();
                 output::deleted_json(&reports)?;
             }
             Ok(ExitCode::SUCCESS)
@@ -290,11 +296,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let options = run_options(g, None);
             let outcome = run_watched(&mut session, &plan, &options).await?;
-            let Operation::Revert(op) = &plan.operation else {
-                unreachable!("a revert plan holds a revert")
-            };
-            let args = (!op.live).then(|| views::qemu_args(session.record(), None));
-            output::reverted(op, &outcome, args.as_deref(), g.json)?;
+            match &plan.operation {
+                Operation::Revert(op) => {
+                    let args = (!op.live).then(|| views::qemu_args(session.record(), None));
+                    output::reverted(op, &outcome, args.as_deref(), g.json)?;
+                }
+                Operation::Internal(op) => {
+                    let args = (!op.live).then(|| views::qemu_args(session.record(), None));
+                    output::internal(op, &outcome, args.as_deref(), g.json)?;
+                }
+                _ => unreachable!("a revert plan holds a revert"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::QemuArgs { disk } => {
@@ -461,6 +473,7 @@ async fn create(
         memory: args.memory,
         memory_file: args.memory_file.clone(),
         paused: args.paused,
+        internal: args.internal,
     };
     let plan = session.plan_create(&opts).await?;
     if args.dry_run {
@@ -468,10 +481,11 @@ async fn create(
         return Ok(ExitCode::SUCCESS);
     }
     let outcome = run_watched(&mut session, &plan, &run_options(g, None)).await?;
-    let Operation::Create(op) = &plan.operation else {
-        unreachable!("a create plan holds a create")
-    };
-    output::created(op, &outcome, g.json)?;
+    match &plan.operation {
+        Operation::Create(op) => output::created(op, &outcome, g.json)?,
+        Operation::Internal(op) => output::internal(op, &outcome, None, g.json)?,
+        _ => unreachable!("a create plan holds a create"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

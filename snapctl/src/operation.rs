@@ -22,6 +22,7 @@ pub enum Operation {
     Delete(Delete),
     Commit(Merge),
     Pull(Merge),
+    Internal(Internal),
     /// An entry this build cannot read (written by another version): kept as it
     /// is, reported, never acted on.
     Unreadable {
@@ -39,6 +40,7 @@ impl Operation {
             Operation::Delete(_) => "delete",
             Operation::Commit(_) => "commit",
             Operation::Pull(_) => "pull",
+            Operation::Internal(_) => "internal",
             Operation::Unreadable { op, .. } => op,
         }
     }
@@ -50,6 +52,7 @@ impl Operation {
             Operation::Revert(r) => serde_json::to_value(r),
             Operation::Delete(d) => serde_json::to_value(d),
             Operation::Commit(m) | Operation::Pull(m) => serde_json::to_value(m),
+            Operation::Internal(i) => serde_json::to_value(i),
             Operation::Unreadable { detail, .. } => Ok(detail.clone()),
         }
     }
@@ -66,6 +69,7 @@ impl Operation {
             "delete" => parse(&detail).map(Operation::Delete),
             "commit" => parse(&detail).map(Operation::Commit),
             "pull" => parse(&detail).map(Operation::Pull),
+            "internal" => parse(&detail).map(Operation::Internal),
             _ => None,
         };
         parsed.unwrap_or_else(|| Operation::Unreadable {
@@ -275,4 +279,50 @@ impl Merge {
             MergeKind::Pull { active, .. } => active,
         }
     }
+}
+
+/// What an internal-snapshot operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InternalAction {
+    /// `create --internal`: `snapshot-save` into the disks' active images.
+    Save,
+    /// `revert`: `snapshot-load` (or `qemu-img snapshot -a` with QEMU stopped).
+    Load,
+    /// `delete`: `snapshot-delete` (or `qemu-img snapshot -d`).
+    Delete,
+}
+
+/// One disk of an internal snapshot: the qcow2 image that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InternalDisk {
+    pub disk: String,
+    pub image: PathBuf,
+    /// Its node in QEMU (empty with QEMU stopped).
+    pub node: String,
+}
+
+/// An internal snapshot (`savevm` style) saved, loaded or deleted: every
+/// disk's state inside its own qcow2 image, the memory in one of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Internal {
+    pub action: InternalAction,
+    /// The snapshot's name in the record.
+    pub snapshot: String,
+    /// Its name inside the images.
+    pub tag: String,
+    pub live: bool,
+    /// The `snapshot-*` job.
+    pub job: String,
+    /// The disk whose image holds the memory state.
+    pub vmstate_disk: String,
+    pub disks: Vec<InternalDisk>,
+    /// Save: the new snapshot's parent, time and description.
+    pub parent: Option<String>,
+    pub created: Timestamp,
+    pub description: Option<String>,
+    /// Load, live: the guest is left paused.
+    pub paused: bool,
+    /// Delete: `--metadata-only` (the images keep the snapshot).
+    pub keep_files: bool,
 }

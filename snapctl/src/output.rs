@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use snapctl::Outcome;
 use snapctl::check::Drift;
-use snapctl::operation::{Boundary, Create, Delete, LiveJob, Merge, MergeKind, Revert};
+use snapctl::operation::{Boundary, Create, LiveJob, Merge, MergeKind, Operation, Revert};
 use snapctl::plan::Step;
 use snapctl::record::{Record, Snapshot};
 use snapctl::run::{Progress, ProgressFn};
@@ -488,14 +488,22 @@ impl<'a> JobView<'a> {
 #[derive(Serialize)]
 struct DiskDeleted<'a> {
     disk: &'a str,
-    /// The snapshot's frozen image on this disk.
+    /// The snapshot's frozen image on this disk (for an internal snapshot:
+    /// the image it lived in).
     frozen: &'a Path,
     /// `{"operation": "commit", "top", "base"}`, `{"operation": "stream",
-    /// "from", "into"}`, `{"operation": "drop"}` or `{"operation": "keep",
-    /// "reason"}`.
-    merge: &'a Boundary,
+    /// "from", "into"}`, `{"operation": "drop"}`, `{"operation": "keep",
+    /// "reason"}`, or `{"operation": "internal"}` (deleted inside its image).
+    merge: MergeView<'a>,
     /// The QEMU job when the merge ran live; `null` when it ran offline.
     job: Option<JobView<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum MergeView<'a> {
+    Boundary(&'a Boundary),
+    Internal { operation: &'static str },
 }
 
 /// One snapshot deleted.
@@ -513,32 +521,133 @@ struct DeleteReport<'a> {
     deleted: &'a [Deleted<'a>],
 }
 
-pub fn deleted<'a>(op: &'a Delete, outcome: &'a Outcome) -> Deleted<'a> {
-    Deleted {
-        snapshot: &op.snapshot,
-        disks: op
-            .disks
-            .iter()
-            .map(|d| DiskDeleted {
-                disk: &d.disk,
-                frozen: &d.frozen,
-                merge: &d.merge,
-                job: d.job.as_ref().map(JobView::of),
-            })
-            .collect(),
+/// The report of one deleted snapshot (`None` for an operation that is not a delete).
+pub fn deleted<'a>(op: &'a Operation, outcome: &'a Outcome) -> Option<Deleted<'a>> {
+    let (snapshot, disks) = match op {
+        Operation::Delete(op) => (
+            &op.snapshot,
+            op.disks
+                .iter()
+                .map(|d| DiskDeleted {
+                    disk: &d.disk,
+                    frozen: &d.frozen,
+                    merge: MergeView::Boundary(&d.merge),
+                    job: d.job.as_ref().map(JobView::of),
+                })
+                .collect(),
+        ),
+        Operation::Internal(op) => (
+            &op.snapshot,
+            op.disks
+                .iter()
+                .map(|d| DiskDeleted {
+                    disk: &d.disk,
+                    frozen: &d.image,
+                    merge: MergeView::Internal {
+                        operation: "internal",
+                    },
+                    job: (op.live && !op.keep_files).then_some(JobView {
+                        id: &op.job,
+                        command: "snapshot-delete",
+                        active: false,
+                    }),
+                })
+                .collect(),
+        ),
+        _ => return None,
+    };
+    Some(Deleted {
+        snapshot,
+        disks,
         removed_files: &outcome.removed_files,
         warnings: &outcome.warnings,
-    }
+    })
 }
 
 /// Prints one deleted snapshot as text (`--json` collects them instead).
-pub fn deleted_text(op: &Delete, outcome: &Outcome) -> io::Result<()> {
+pub fn deleted_text(op: &Operation, outcome: &Outcome) -> io::Result<()> {
     let mut out = io::stdout().lock();
-    writeln!(out, "deleted snapshot {}", op.snapshot)?;
-    for line in snapctl::plan::delete::summary(op) {
-        writeln!(out, "  {line}")?;
+    match op {
+        Operation::Delete(op) => {
+            writeln!(out, "deleted snapshot {}", op.snapshot)?;
+            for line in snapctl::plan::delete::summary(op) {
+                writeln!(out, "  {line}")?;
+            }
+        }
+        Operation::Internal(op) => {
+            writeln!(out, "deleted internal snapshot {}", op.snapshot)?;
+            for d in &op.disks {
+                let how = if op.keep_files {
+                    "kept inside"
+                } else {
+                    "removed from"
+                };
+                writeln!(out, "  {}: {how} {}", d.disk, d.image.display())?;
+            }
+        }
+        _ => {}
     }
     removed_and_warnings(&mut out, outcome)
+}
+
+/// `create --internal --json` and `revert --json` of an internal snapshot.
+#[derive(Serialize)]
+struct InternalDone<'a> {
+    snapshot: &'a str,
+    kind: &'static str,
+    /// Per disk, the image holding the snapshot.
+    disks: BTreeMap<&'a str, FrozenView<'a>>,
+    live: bool,
+    qemu_args: Option<&'a [String]>,
+    warnings: &'a [String],
+}
+
+#[derive(Serialize)]
+struct FrozenView<'a> {
+    image: &'a Path,
+}
+
+pub fn internal(
+    op: &snapctl::operation::Internal,
+    outcome: &Outcome,
+    qemu_args: Option<&[String]>,
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        return json(&InternalDone {
+            snapshot: &op.snapshot,
+            kind: "internal",
+            disks: op
+                .disks
+                .iter()
+                .map(|d| (d.disk.as_str(), FrozenView { image: &d.image }))
+                .collect(),
+            live: op.live,
+            qemu_args,
+            warnings: &outcome.warnings,
+        });
+    }
+    warnings(outcome);
+    let mut out = io::stdout().lock();
+    let verb = match op.action {
+        snapctl::operation::InternalAction::Save => "created internal snapshot",
+        _ => "reverted to internal snapshot",
+    };
+    writeln!(out, "{verb} {}", op.snapshot)?;
+    for d in &op.disks {
+        writeln!(out, "  {}: inside {}", d.disk, d.image.display())?;
+    }
+    if let Some(args) = qemu_args {
+        let line: Vec<String> = args.iter().map(|a| views::shell_quote(a)).collect();
+        writeln!(out, "QEMU is not running; start it with:")?;
+        writeln!(out, "{}", line.join(" "))?;
+        writeln!(
+            out,
+            "then run `snapctl revert {}` on it to load the memory state and resume the guest",
+            op.snapshot
+        )?;
+    }
+    Ok(())
 }
 
 pub fn deleted_json(reports: &[Deleted<'_>]) -> io::Result<()> {

@@ -123,6 +123,11 @@ pub struct Snapshot {
     /// A checkpoint's memory and device state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryFile>,
+    /// An internal snapshot: the disk whose image holds the memory state (each
+    /// disk's image, in `disks`, holds that disk's state under the name in
+    /// `tag`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal: Option<InternalState>,
     /// Fields this build does not know, kept across rewrites.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -136,6 +141,15 @@ pub struct MemoryFile {
     /// The state's name inside the container: the snapshot's name when it
     /// was taken (a later rename leaves it).
     pub tag: String,
+}
+
+/// Where an internal snapshot lives inside its images.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InternalState {
+    /// Its name inside the images (the snapshot's name when it was taken).
+    pub tag: String,
+    /// The disk whose image holds the memory state too.
+    pub vmstate_disk: String,
 }
 
 /// What a snapshot captured.
@@ -547,6 +561,16 @@ impl Record {
             .collect()
     }
 
+    /// The internal snapshots that live inside `image`: it is never merged
+    /// away or removed while it holds one.
+    pub fn internal_snapshots_in(&self, image: &Path) -> Vec<&str> {
+        self.snapshots
+            .iter()
+            .filter(|s| s.internal.is_some() && s.disks.values().any(|d| d.image == image))
+            .map(|s| s.name.as_str())
+            .collect()
+    }
+
     /// The layers directly backed by `image`. More than one means the image is shared by
     /// branches, and must not be written.
     pub fn dependents(&self, image: &Path) -> Vec<&Path> {
@@ -808,6 +832,7 @@ mod tests {
                 },
             )]),
             memory: None,
+            internal: None,
             extra: BTreeMap::new(),
         }
     }

@@ -98,6 +98,9 @@ pub struct ChainEntry {
     pub active: bool,
     /// Snapshots whose frozen state this image holds.
     pub snapshots: Vec<String>,
+    /// Internal snapshots kept inside this image.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub internal: Vec<String>,
     /// Whether snapctl created the image (false: found, never written).
     pub owned: bool,
     /// What the image is, for people: `active (changes since s2)`, `frozen by
@@ -140,8 +143,14 @@ pub fn chains(record: &Record, live: Option<&LiveGraph>, only: Option<&str>) -> 
                 snapshots: record
                     .snapshots
                     .iter()
+                    .filter(|s| s.internal.is_none())
                     .filter(|s| s.disks.get(id).is_some_and(|d| d.image == image))
                     .map(|s| s.name.clone())
+                    .collect(),
+                internal: record
+                    .internal_snapshots_in(&image)
+                    .into_iter()
+                    .map(str::to_owned)
                     .collect(),
                 owned: record.layers.get(&image).is_some_and(|l| l.owned),
                 active: i == 0,
@@ -191,6 +200,12 @@ pub fn label(chain: &[ChainEntry], i: usize) -> String {
         && let Some(b) = below
     {
         parts.push(format!("changes after {}", b.snapshots.join(", ")));
+    }
+    if !entry.internal.is_empty() {
+        parts.push(format!(
+            "holds internal snapshot {}",
+            entry.internal.join(", ")
+        ));
     }
     if !entry.owned {
         parts.push("foreign".to_owned());
@@ -255,6 +270,7 @@ mod tests {
 
     fn entry(active: bool, snapshots: &[&str], owned: bool) -> ChainEntry {
         ChainEntry {
+            internal: Vec::new(),
             image: PathBuf::from("/img/x.qcow2"),
             format: "qcow2".into(),
             active,

@@ -40,6 +40,8 @@ pub struct CreateOptions {
     pub memory_file: Option<PathBuf>,
     /// Leave the guest paused after a checkpoint (it continues if it ran).
     pub paused: bool,
+    /// An internal snapshot (`savevm` style), planned by [`super::internal`].
+    pub internal: bool,
 }
 
 impl CreateOptions {
@@ -161,6 +163,7 @@ pub fn apply(record: &mut Record, create: &Create) {
             path: m.path.clone(),
             tag: m.tag.clone(),
         }),
+        internal: None,
         extra: BTreeMap::new(),
     });
     record.current = Some(create.name.clone());

@@ -158,8 +158,15 @@ pub fn choose(
     };
     // Commit writes f and removes c: f must be snapctl's, and c must carry
     // one chain only (the others would still name c). Stream writes c.
+    let inside_c = record.internal_snapshots_in(&c);
     let commit_blocked = if !record.owns(f) {
         Some(format!("{} is not snapctl's to write", f.display()))
+    } else if !inside_c.is_empty() {
+        Some(format!(
+            "{} holds internal snapshot {}, so it is never merged away",
+            c.display(),
+            inside_c.join(", ")
+        ))
     } else {
         let branches = record.dependents(&c).len();
         (branches > 1).then(|| {
@@ -169,8 +176,19 @@ pub fn choose(
             )
         })
     };
-    let stream_blocked =
-        (!record.owns(&c)).then(|| format!("{} is not snapctl's to write", c.display()));
+    // Stream writes c and gives it a new backing: an internal snapshot in c
+    // reads its unallocated clusters from that backing, so it would change.
+    let stream_blocked = if !record.owns(&c) {
+        Some(format!("{} is not snapctl's to write", c.display()))
+    } else {
+        (!inside_c.is_empty()).then(|| {
+            format!(
+                "{} holds internal snapshot {}, whose view would change with its backing",
+                c.display(),
+                inside_c.join(", ")
+            )
+        })
+    };
     let commit = Boundary::Commit {
         top: c.clone(),
         base: f.to_path_buf(),
@@ -185,15 +203,15 @@ pub fn choose(
         (None, None) => stream,
         (None, Some(_)) => commit,
         (Some(_), None) => stream,
-        (Some(no_commit), Some(no_stream)) if record.owns(f) => Boundary::Keep {
-            reason: format!("{no_commit}, and {no_stream}"),
-        },
-        (Some(_), Some(_)) => Boundary::Keep {
+        (Some(_), Some(_)) if !record.owns(f) && !record.owns(&c) => Boundary::Keep {
             reason: format!(
                 "{} and {} are not snapctl's to write",
                 f.display(),
                 c.display()
             ),
+        },
+        (Some(no_commit), Some(no_stream)) => Boundary::Keep {
+            reason: format!("{no_commit}, and {no_stream}"),
         },
     }
 }

@@ -97,6 +97,19 @@ pub fn plan_commit(
             )));
         }
     }
+    // The layers merged into the base leave every chain: none may hold an
+    // internal snapshot.
+    if let Some((layer, names)) = chain[t..b]
+        .iter()
+        .map(|l| (l, record.internal_snapshots_in(l)))
+        .find(|(_, names)| !names.is_empty())
+    {
+        return Err(Error::Refused(format!(
+            "{} holds internal snapshot {}: it is never merged away (delete that snapshot first)",
+            layer.display(),
+            names.join(", ")
+        )));
+    }
     let removed: Vec<String> = record
         .snapshots
         .iter()
@@ -181,6 +194,14 @@ pub fn plan_pull(
         )));
     }
     let active = chain[0].to_path_buf();
+    let inside = record.internal_snapshots_in(&active);
+    if !inside.is_empty() {
+        return Err(Error::Refused(format!(
+            "{} holds internal snapshot {}: a pull would change what it shows (its backing changes); delete it first",
+            active.display(),
+            inside.join(", ")
+        )));
+    }
     if !record.owns(&active) {
         return Err(Error::Refused(format!(
             "{} was not created by snapctl; pull never writes a foreign image",

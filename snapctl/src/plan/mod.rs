@@ -15,6 +15,7 @@
 
 pub mod create;
 pub mod delete;
+pub mod internal;
 pub mod merge;
 pub mod revert;
 #[cfg(test)]

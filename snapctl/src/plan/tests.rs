@@ -98,6 +98,7 @@ impl Rec {
                 .map(|(d, image)| ((*d).to_owned(), SnapshotDisk { image: p(image) }))
                 .collect(),
             memory: None,
+            internal: None,
             extra: BTreeMap::new(),
         });
         self

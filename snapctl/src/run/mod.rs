@@ -25,6 +25,7 @@
 mod create;
 mod delete;
 mod exec;
+mod internal;
 pub mod jobs;
 mod merge;
 pub mod recover;
@@ -410,6 +411,9 @@ impl Session {
         }
         let record = self.record.clone();
         let facts = self.facts(&HostFiles).await?;
+        if opts.internal {
+            return plan::internal::plan_save(&record, &facts, opts);
+        }
         plan::create::plan(&record, &facts, opts)
     }
 
@@ -419,6 +423,9 @@ impl Session {
         self.run_state().await?;
         let record = self.record.clone();
         let facts = self.facts(&HostFiles).await?;
+        if record.snapshot_named(name)?.internal.is_some() {
+            return plan::internal::plan_load(&record, &facts, name, after);
+        }
         plan::revert::plan(&record, &facts, name, after)
     }
 
@@ -431,6 +438,9 @@ impl Session {
     ) -> Result<Plan> {
         let record = self.record.clone();
         let facts = self.facts(&HostFiles).await?;
+        if record.snapshot_named(name)?.internal.is_some() {
+            return plan::internal::plan_delete(&record, &facts, name, metadata_only);
+        }
         plan::delete::plan(&record, &facts, name, metadata_only, bandwidth)
     }
 
@@ -493,6 +503,7 @@ impl Session {
             Operation::Commit(op) | Operation::Pull(op) => {
                 merge::run(ctx, op, &plan.operation, &plan.steps).await
             }
+            Operation::Internal(op) => internal::run(ctx, op, &plan.steps).await,
             Operation::Unreadable { op, .. } => Err(Error::Refused(format!(
                 "cannot run an unreadable {op} plan"
             ))),

@@ -21,7 +21,9 @@ use super::exec::Executor;
 use crate::error::Result;
 use crate::graph::{self, LiveGraph};
 use crate::images;
-use crate::operation::{Boundary, Create, Delete, Merge, MergeKind, Operation, Revert};
+use crate::operation::{
+    Boundary, Create, Delete, Internal, InternalAction, Merge, MergeKind, Operation, Revert,
+};
 use crate::plan::{self, Step, qom_set_drive, removals};
 use crate::record::{JournalEntry, Record};
 use crate::store::VmLock;
@@ -66,6 +68,9 @@ pub async fn recover(
             (Operation::Delete(op), _) => Some(recover_delete(client, record, op).await?),
             (Operation::Commit(op) | Operation::Pull(op), _) => {
                 Some(recover_merge(client, record, op).await?)
+            }
+            (Operation::Internal(op), _) if op.live == client.is_some() => {
+                Some(recover_internal(client, record, op).await?)
             }
             _ => None,
         };
@@ -413,4 +418,72 @@ async fn recover_merge(client: Option<&Client>, record: &mut Record, op: &Merge)
         "the interrupted pull on {} did not finish: the chain is unchanged",
         op.disk
     ))
+}
+
+/// An interrupted internal-snapshot operation. QEMU's jobs change all the
+/// images or none, and loading or deleting again is harmless: a save is
+/// recorded when every image holds it; a load or a delete is carried out
+/// again, then recorded.
+async fn recover_internal(
+    client: Option<&Client>,
+    record: &mut Record,
+    op: &Internal,
+) -> Result<String> {
+    if let Some(c) = client {
+        settle_jobs(c, &[op.job.as_str()]).await?;
+    }
+    let holding: Vec<bool> = op
+        .disks
+        .iter()
+        .map(|d| images::info(&d.image).is_ok_and(|i| i.holds(&op.tag)))
+        .collect();
+    let line = match op.action {
+        InternalAction::Save if holding.iter().all(|h| *h) => {
+            plan::internal::apply(record, op);
+            format!(
+                "completed the interrupted internal snapshot {}",
+                op.snapshot
+            )
+        }
+        InternalAction::Save => format!(
+            "the interrupted internal snapshot {} was not taken",
+            op.snapshot
+        ),
+        InternalAction::Load | InternalAction::Delete => {
+            let again: Vec<Step> = plan::internal::steps(op)
+                .into_iter()
+                .filter(|s| !matches!(s, Step::Record { .. }))
+                .filter(|s| {
+                    // A delete leaves out the images it already cleared.
+                    op.action == InternalAction::Load
+                        || !matches!(s, Step::Tool { argv } if op.disks.iter().zip(&holding)
+                            .any(|(d, h)| !h && argv.last().is_some_and(|a| *a == d.image.to_string_lossy())))
+                })
+                .collect();
+            let warnings = run_steps(client, &again).await;
+            if !warnings.is_empty() {
+                return Ok(format!(
+                    "the interrupted {} of internal snapshot {} could not be finished: {}",
+                    if op.action == InternalAction::Load {
+                        "revert"
+                    } else {
+                        "delete"
+                    },
+                    op.snapshot,
+                    warnings.join("; ")
+                ));
+            }
+            plan::internal::apply(record, op);
+            format!(
+                "finished the interrupted {} of internal snapshot {}",
+                if op.action == InternalAction::Load {
+                    "revert"
+                } else {
+                    "delete"
+                },
+                op.snapshot
+            )
+        }
+    };
+    Ok(line)
 }

@@ -20,6 +20,7 @@
 //! | [`faults`] | snapctl or QEMU killed mid-operation, full filesystems; recovery on the next run |
 //! | [`hostile`] | hand-edited records, hostile names, planted symlinks, permissions |
 //! | [`offline`] | snapshots taken while QEMU is stopped, and QEMU restarted on them |
+//! | [`internal`] | `create --internal`: savevm-style snapshots reverted in the same QEMU; merges never carry their images away |
 //! | [`jobs`] | `commit`, `pull`, `jobs`, `job` on a one-disk VM |
 //! | [`ownership`] | overlays owned like the images they cover; a QEMU running as another user |
 //! | [`store`] | the record store against real files: atomic saves, damage, locks |
@@ -35,6 +36,7 @@ mod disks;
 mod dry_run;
 mod faults;
 mod hostile;
+mod internal;
 mod jobs;
 mod offline;
 mod ownership;

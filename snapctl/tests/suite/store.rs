@@ -75,6 +75,7 @@ fn record(vm: &str) -> Record {
                 },
             )]),
             memory: None,
+            internal: None,
             extra: BTreeMap::new(),
         });
     }
