@@ -666,6 +666,9 @@ impl Record {
         if self.current.as_deref() == Some(name) {
             self.current = parent;
         }
+        if self.pending_memory.as_deref() == Some(name) {
+            self.pending_memory = None;
+        }
         self.snapshots.retain(|s| s.name != name);
     }
 

@@ -167,6 +167,8 @@ pub fn apply(record: &mut Record, create: &Create) {
         extra: BTreeMap::new(),
     });
     record.current = Some(create.name.clone());
+    // A new state descends from here: no memory state waits any more.
+    record.pending_memory = None;
 }
 
 /// Plans `create` on a record that already holds every disk to snapshot

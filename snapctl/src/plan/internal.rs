@@ -319,6 +319,7 @@ pub fn apply(record: &mut Record, op: &Internal) {
                 extra: BTreeMap::new(),
             });
             record.current = Some(op.snapshot.clone());
+            record.pending_memory = None;
         }
         InternalAction::Load => {
             record.current = Some(op.snapshot.clone());

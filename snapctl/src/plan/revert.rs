@@ -148,15 +148,20 @@ pub fn plan(record: &Record, facts: &Facts<'_>, name: &str, after: RunAfter) -> 
         tag: m.tag.clone(),
     });
     // An offline revert of this checkpoint prepared the disks, and QEMU now
-    // runs on them: only the memory state is left to load.
+    // runs on them, its guest not started yet (`-S`) and the prepared overlays
+    // still empty: only the memory state is left to load. A guest that ran
+    // and wrote gets the whole revert again.
     let memory_only = memory.is_some()
         && record.pending_memory.as_deref() == Some(name)
+        && facts.running == Some(false)
         && facts.live.is_some_and(|g| {
             record.disks.iter().all(|(id, d)| {
-                g.disks
-                    .get(id)
-                    .and_then(|live| live.active())
-                    .is_some_and(|a| a.filename == d.active)
+                let untouched = facts.host.image(&d.active).is_some_and(|i| !i.has_data);
+                untouched
+                    && g.disks
+                        .get(id)
+                        .and_then(|live| live.active())
+                        .is_some_and(|a| a.filename == d.active)
             })
         });
     if memory_only {
