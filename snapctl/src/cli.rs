@@ -156,6 +156,28 @@ pub enum Command {
         adopt: bool,
     },
 
+    /// Copy one disk as it was at a snapshot into a standalone image (no backing file),
+    /// QEMU running or not.
+    Export {
+        /// The snapshot.
+        name: String,
+        /// The disk (optional when the snapshot covers only one).
+        #[arg(long, value_name = "ID")]
+        disk: Option<String>,
+        /// The image to write; it must not exist.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: PathBuf,
+        /// The image format.
+        #[arg(long, value_name = "FORMAT", default_value = "qcow2", value_parser = ["qcow2", "raw"])]
+        format: String,
+        /// Compress the qcow2 clusters.
+        #[arg(long)]
+        compress: bool,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
     /// Print the -blockdev/-device arguments that reopen the current chains.
     QemuArgs {
         /// Only this disk.
@@ -266,6 +288,7 @@ impl Command {
             Command::Init
             | Command::Describe { .. }
             | Command::Rename { .. }
+            | Command::Export { .. }
             | Command::Create(_)
             | Command::Revert { .. }
             | Command::Delete { .. }

@@ -309,6 +309,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Export {
+            name,
+            disk,
+            output,
+            format,
+            compress,
+            dry_run,
+        } => {
+            let mut session = open(g, &store, &vm).await?;
+            settle(&mut session, *dry_run).await?;
+            let opts = snapctl::plan::export::ExportOptions {
+                snapshot: name.clone(),
+                disk: disk.clone(),
+                output: output.clone(),
+                format: format.clone(),
+                compress: *compress,
+            };
+            let plan = session.plan_export(&opts).await?;
+            if *dry_run {
+                output::plan(&plan.steps, g.json)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let outcome = run_watched(&mut session, &plan, &run_options(g, None)).await?;
+            if let Operation::Export(op) = &plan.operation {
+                output::exported(op, &outcome, g.json)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::QemuArgs { disk } => {
             let record = registered(&store, &vm)?;
             if let Some(d) = disk {

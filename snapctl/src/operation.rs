@@ -23,6 +23,7 @@ pub enum Operation {
     Commit(Merge),
     Pull(Merge),
     Internal(Internal),
+    Export(Export),
     /// An entry this build cannot read (written by another version): kept as it
     /// is, reported, never acted on.
     Unreadable {
@@ -41,6 +42,7 @@ impl Operation {
             Operation::Commit(_) => "commit",
             Operation::Pull(_) => "pull",
             Operation::Internal(_) => "internal",
+            Operation::Export(_) => "export",
             Operation::Unreadable { op, .. } => op,
         }
     }
@@ -53,6 +55,7 @@ impl Operation {
             Operation::Delete(d) => serde_json::to_value(d),
             Operation::Commit(m) | Operation::Pull(m) => serde_json::to_value(m),
             Operation::Internal(i) => serde_json::to_value(i),
+            Operation::Export(e) => serde_json::to_value(e),
             Operation::Unreadable { detail, .. } => Ok(detail.clone()),
         }
     }
@@ -70,6 +73,7 @@ impl Operation {
             "commit" => parse(&detail).map(Operation::Commit),
             "pull" => parse(&detail).map(Operation::Pull),
             "internal" => parse(&detail).map(Operation::Internal),
+            "export" => parse(&detail).map(Operation::Export),
             _ => None,
         };
         parsed.unwrap_or_else(|| Operation::Unreadable {
@@ -325,4 +329,21 @@ pub struct Internal {
     pub paused: bool,
     /// Delete: `--metadata-only` (the images keep the snapshot).
     pub keep_files: bool,
+}
+
+/// `export`: one disk as of a snapshot, copied into a standalone image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Export {
+    pub snapshot: String,
+    pub disk: String,
+    /// The snapshot's image of the disk (its chain is read).
+    pub source: PathBuf,
+    pub source_format: String,
+    /// An internal snapshot's name inside `source`.
+    pub internal_tag: Option<String>,
+    pub output: PathBuf,
+    /// `qcow2` or `raw`.
+    pub format: String,
+    pub compress: bool,
+    pub size: u64,
 }

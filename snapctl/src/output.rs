@@ -832,3 +832,42 @@ pub struct JobEnd<'a> {
     /// QEMU's error text when the job failed.
     pub error: Option<&'a str>,
 }
+
+/// `export --json`.
+#[derive(Serialize)]
+struct Exported<'a> {
+    snapshot: &'a str,
+    disk: &'a str,
+    output: &'a Path,
+    format: &'a str,
+    /// The image's size on disk.
+    bytes: Option<u64>,
+    warnings: &'a [String],
+}
+
+pub fn exported(
+    op: &snapctl::operation::Export,
+    outcome: &Outcome,
+    as_json: bool,
+) -> io::Result<()> {
+    let bytes = std::fs::metadata(&op.output).ok().map(|m| m.len());
+    if as_json {
+        return json(&Exported {
+            snapshot: &op.snapshot,
+            disk: &op.disk,
+            output: &op.output,
+            format: &op.format,
+            bytes,
+            warnings: &outcome.warnings,
+        });
+    }
+    warnings(outcome);
+    writeln!(
+        io::stdout().lock(),
+        "exported {} as of {} to {} ({})",
+        op.disk,
+        op.snapshot,
+        op.output.display(),
+        op.format
+    )
+}

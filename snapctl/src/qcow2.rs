@@ -194,6 +194,28 @@ pub fn new_state_file(path: &Path) -> Result<()> {
     })
 }
 
+/// Creates an empty standalone image at `path`, never over an existing file:
+/// qcow2 (no backing) or raw (a sparse file) of `size` bytes.
+pub fn new_image(path: &Path, format: &str, size: u64) -> Result<()> {
+    let mut file = claim_file(path)?;
+    let written = match format {
+        "qcow2" => write_qcow2(&mut file, size, None),
+        "raw" => file.set_len(size),
+        other => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("snapctl does not write {other} images"),
+        )),
+    };
+    written.map_err(|source| {
+        let _ = std::fs::remove_file(path);
+        Error::Io {
+            action: "write image",
+            path: path.to_owned(),
+            source,
+        }
+    })
+}
+
 /// Writes an empty qcow2 (version 3) overlay into `file`, which must be new
 /// and empty: `size` bytes of virtual disk, backed by `backing` in format
 /// `backing_format`, 64 KiB clusters, 16-bit refcounts, no feature beyond the

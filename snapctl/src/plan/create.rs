@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use super::{
-    DirState, Facts, NodeNames, Plan, Step, memory_blockdev, memory_job_steps, overlay_blockdev,
+    Facts, NodeNames, Plan, Step, memory_blockdev, memory_job_steps, new_file_problem,
+    overlay_blockdev,
 };
 use crate::error::{Error, Result};
 use crate::graph::{LiveDisk, LiveGraph};
@@ -546,21 +547,5 @@ fn check_overlay_path(facts: &Facts<'_>, path: &Path) -> Result<()> {
             path: path.to_owned(),
             reason,
         }),
-    }
-}
-
-/// Why a new file cannot be created at `path`, if it cannot.
-fn new_file_problem(facts: &Facts<'_>, path: &Path) -> Option<&'static str> {
-    if facts.host.exists(path) {
-        return Some("it already exists");
-    }
-    match facts
-        .host
-        .dir_state(path.parent().unwrap_or(Path::new("/")))
-    {
-        DirState::Writable => None,
-        DirState::ReadOnly => Some("its directory is not writable"),
-        DirState::NotADirectory => Some("its directory is not a directory"),
-        DirState::Missing => Some("its directory does not exist"),
     }
 }

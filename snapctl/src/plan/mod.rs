@@ -15,6 +15,7 @@
 
 pub mod create;
 pub mod delete;
+pub mod export;
 pub mod internal;
 pub mod merge;
 pub mod revert;
@@ -48,6 +49,13 @@ pub enum Step {
     /// Create a new, empty qcow2 container for a VM's memory and device state
     /// (refusing an existing file or a symlink).
     CreateStateFile { path: PathBuf },
+    /// Create a new, empty standalone image (`qcow2` or `raw`, `size` bytes,
+    /// no backing), refusing an existing file or a symlink, for a tool to fill.
+    CreateImage {
+        path: PathBuf,
+        format: String,
+        size: u64,
+    },
     /// A guest-agent command (`guest-fsfreeze-freeze` / `-thaw`). A freeze is
     /// always followed by a thaw, which also runs when a step between fails.
     GuestAgent { command: String },
@@ -101,6 +109,11 @@ impl fmt::Display for Step {
             } => write!(
                 f,
                 "create overlay {} (qcow2, {size} bytes, backing {backing} as {backing_format})",
+                path.display()
+            ),
+            Step::CreateImage { path, format, size } => write!(
+                f,
+                "create image {} ({format}, {size} bytes, no backing)",
                 path.display()
             ),
             Step::CreateStateFile { path } => {
@@ -195,6 +208,23 @@ impl fmt::Debug for Facts<'_> {
             .field("running", &self.running)
             .field("now", &self.now)
             .finish_non_exhaustive()
+    }
+}
+
+/// Why a new file cannot be created at `path`, if it cannot: something is
+/// there already, or its directory is missing or not writable.
+pub fn new_file_problem(facts: &Facts<'_>, path: &Path) -> Option<&'static str> {
+    if facts.host.exists(path) {
+        return Some("it already exists");
+    }
+    match facts
+        .host
+        .dir_state(path.parent().unwrap_or(Path::new("/")))
+    {
+        DirState::Writable => None,
+        DirState::ReadOnly => Some("its directory is not writable"),
+        DirState::NotADirectory => Some("its directory is not a directory"),
+        DirState::Missing => Some("its directory does not exist"),
     }
 }
 

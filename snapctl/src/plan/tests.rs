@@ -421,6 +421,7 @@ fn kinds(steps: &[Step]) -> Vec<String> {
         .map(|s| match s {
             Step::CreateOverlay { path, .. } => format!("create-overlay {}", path.display()),
             Step::CreateStateFile { path } => format!("create-state-file {}", path.display()),
+            Step::CreateImage { path, .. } => format!("create-image {}", path.display()),
             Step::GuestAgent { command } => format!("agent {command}"),
             Step::Qmp { command, .. } => format!("qmp {command}"),
             Step::AwaitJobs { jobs, status } => format!("await {status} {}", jobs.join(",")),

@@ -207,6 +207,10 @@ impl<'a> Executor<'a> {
                 crate::qcow2::new_overlay(path, *size, backing, backing_format)?;
                 self.created_files.push(path.clone());
             }
+            Step::CreateImage { path, format, size } => {
+                crate::qcow2::new_image(path, format, *size)?;
+                self.created_files.push(path.clone());
+            }
             Step::CreateStateFile { path } => {
                 crate::qcow2::new_state_file(path)?;
                 self.created_files.push(path.clone());

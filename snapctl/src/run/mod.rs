@@ -25,6 +25,7 @@
 mod create;
 mod delete;
 mod exec;
+mod export;
 mod internal;
 pub mod jobs;
 mod merge;
@@ -444,6 +445,13 @@ impl Session {
         plan::delete::plan(&record, &facts, name, metadata_only, bandwidth)
     }
 
+    /// Plans an export of one disk as of a snapshot.
+    pub async fn plan_export(&mut self, opts: &plan::export::ExportOptions) -> Result<Plan> {
+        let record = self.record.clone();
+        let facts = self.facts(&HostFiles).await?;
+        plan::export::plan(&record, &facts, opts)
+    }
+
     /// Plans `commit DISK [--top T] [--base B]`.
     pub async fn plan_commit(
         &mut self,
@@ -504,6 +512,7 @@ impl Session {
                 merge::run(ctx, op, &plan.operation, &plan.steps).await
             }
             Operation::Internal(op) => internal::run(ctx, op, &plan.steps).await,
+            Operation::Export(op) => export::run(ctx, op, &plan.steps).await,
             Operation::Unreadable { op, .. } => Err(Error::Refused(format!(
                 "cannot run an unreadable {op} plan"
             ))),

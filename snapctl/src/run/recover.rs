@@ -72,6 +72,14 @@ pub async fn recover(
             (Operation::Internal(op), _) if op.live == client.is_some() => {
                 Some(recover_internal(client, record, op).await?)
             }
+            (Operation::Export(op), _) => {
+                run_steps(None, &removals(vec![op.output.clone()]).collect::<Vec<_>>()).await;
+                Some(format!(
+                    "removed the partial export {} of snapshot {}",
+                    op.output.display(),
+                    op.snapshot
+                ))
+            }
             _ => None,
         };
         match outcome {

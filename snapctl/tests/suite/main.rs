@@ -17,6 +17,7 @@
 //! | [`concurrency`] | several snapctl processes on one VM at once |
 //! | [`disks`] | which disks a snapshot covers (a `-device` without `id=`), one record per QEMU |
 //! | [`dry_run`] | what runs is what `--dry-run` printed, step for step, live and offline |
+//! | [`export`] | `export`: a standalone image of a disk as of a snapshot, live and offline |
 //! | [`faults`] | snapctl or QEMU killed mid-operation, full filesystems; recovery on the next run |
 //! | [`hostile`] | hand-edited records, hostile names, planted symlinks, permissions |
 //! | [`offline`] | snapshots taken while QEMU is stopped, and QEMU restarted on them |
@@ -34,6 +35,7 @@ mod cli;
 mod concurrency;
 mod disks;
 mod dry_run;
+mod export;
 mod faults;
 mod hostile;
 mod internal;
