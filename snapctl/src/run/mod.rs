@@ -28,6 +28,7 @@ mod exec;
 pub mod jobs;
 mod merge;
 pub mod recover;
+pub mod relay;
 mod revert;
 
 use std::os::unix::fs::MetadataExt;
@@ -171,6 +172,9 @@ impl Host for HostFiles {
 /// One VM, locked for this session: its record, its QEMU when it runs.
 #[derive(Debug)]
 pub struct Session {
+    /// Relays QEMU's monitor to other snapctl processes while connected;
+    /// first, so that it stops before the lock is released.
+    relay: Option<relay::Relay>,
     lock: VmLock,
     record: Record,
     /// The record file as the session found it (`None`: there was none); a
@@ -199,7 +203,13 @@ impl Session {
             None => None,
         };
         let qga = options.qga.clone().or_else(|| record.qga_socket.clone());
+        let relay = client.as_ref().and_then(|c| {
+            relay::Relay::start(&lock, c)
+                .inspect_err(|e| tracing::info!("not relaying QEMU's monitor: {e}"))
+                .ok()
+        });
         Ok(Session {
+            relay,
             lock,
             record,
             before,
@@ -394,6 +404,9 @@ impl Session {
     /// Runs a plan made by this session. The record is updated (and saved) as
     /// the plan's record step says; on failure it says what is left.
     pub async fn run(&mut self, plan: &Plan, options: &RunOptions) -> Result<Outcome> {
+        if let Some(relay) = &self.relay {
+            relay.set_operation(plan.operation.name());
+        }
         // A job changes the chain under a revert or a merge; a snapshot of
         // other disks may go ahead (QEMU refuses one of a busy node itself).
         if let Some(c) = &self.client

@@ -16,6 +16,7 @@
 //! | [`faults`] | snapctl or QEMU killed mid-operation, full filesystems; recovery on the next run |
 //! | [`hostile`] | hand-edited records, hostile names, planted symlinks, permissions |
 //! | [`jobs`] | `commit`, `pull`, `jobs`, `job` on a one-disk VM |
+//! | [`relay`] | another shell while snapctl holds the monitor: the relay; a foreign client on it |
 //! | [`store`] | the record store against real files: atomic saves, damage, locks |
 //! | [`surgery`] | `revert` and `delete` on a two-disk VM |
 
@@ -25,6 +26,7 @@ mod dry_run;
 mod faults;
 mod hostile;
 mod jobs;
+mod relay;
 mod store;
 mod surgery;
 mod util;
