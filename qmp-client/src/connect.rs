@@ -101,9 +101,7 @@ impl Config {
     /// Connects to a QMP Unix socket (`-qmp unix:PATH,server=on,wait=off`).
     pub async fn connect_unix(&self, path: impl AsRef<Path>) -> Result<(Client, Connection)> {
         let endpoint = Endpoint::Unix(path.as_ref().to_owned());
-        let stream = self
-            .with_connect_timeout(&endpoint, UnixStream::connect(path.as_ref()))
-            .await?;
+        let stream = self.connect_unix_stream(&endpoint, path.as_ref()).await?;
         let (read, write) = stream.into_split();
         self.handshake(endpoint, Box::new(read), Writer::Unix(write))
             .await
@@ -119,6 +117,43 @@ impl Config {
         let (read, write) = stream.into_split();
         self.handshake(endpoint, Box::new(read), Writer::Tcp(write))
             .await
+    }
+
+    /// `connect()` on a Unix socket. A non-blocking connect fails with
+    /// `EAGAIN` while the listener's accept queue is full (where a blocking
+    /// one would wait): retried until the connect timeout, because QEMU
+    /// drains the queue as soon as its monitor is free. Still full then:
+    /// [`Error::QueueFull`].
+    async fn connect_unix_stream(&self, endpoint: &Endpoint, path: &Path) -> Result<UnixStream> {
+        const RETRY: Duration = Duration::from_millis(50);
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        loop {
+            let attempt = tokio::time::timeout_at(deadline, UnixStream::connect(path)).await;
+            match attempt {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if tokio::time::Instant::now() + RETRY >= deadline {
+                        return Err(Error::QueueFull {
+                            endpoint: endpoint.clone(),
+                            after: self.connect_timeout,
+                        });
+                    }
+                    tokio::time::sleep(RETRY).await;
+                }
+                Ok(Err(source)) => {
+                    return Err(Error::Connect {
+                        endpoint: endpoint.clone(),
+                        source,
+                    });
+                }
+                Err(_) => {
+                    return Err(Error::ConnectTimeout {
+                        endpoint: endpoint.clone(),
+                        after: self.connect_timeout,
+                    });
+                }
+            }
+        }
     }
 
     async fn with_connect_timeout<S>(

@@ -47,6 +47,18 @@ pub enum Error {
          add a second -qmp)"
     )]
     NoGreeting { endpoint: Endpoint, after: Duration },
+    /// `connect()` kept failing with `EAGAIN` for `after`: the Unix socket's
+    /// queue of connections waiting to be accepted is full. QEMU listens on a
+    /// monitor with a backlog of 1 and accepts nobody while a client holds it;
+    /// every earlier attempt that gave up waiting for a greeting stays in that
+    /// queue, so after two of them the kernel refuses new connections at once.
+    /// Another client holds this monitor.
+    #[error(
+        "{endpoint} accepted no connection within {after:?}: another client holds this \
+         monitor and earlier attempts still wait in its queue (QEMU serves one client per \
+         monitor; add a second -qmp)"
+    )]
+    QueueFull { endpoint: Endpoint, after: Duration },
     /// The peer spoke, but not QMP (an HMP monitor, a serial console, ...).
     #[error("{endpoint} is not a QMP monitor: {detail}")]
     NotQmp { endpoint: Endpoint, detail: String },
@@ -115,7 +127,14 @@ impl Error {
                 | Error::WaitTimeout { .. }
                 | Error::ConnectTimeout { .. }
                 | Error::NoGreeting { .. }
+                | Error::QueueFull { .. }
         )
+    }
+
+    /// Another client probably holds the monitor: no greeting came, or the
+    /// socket's queue of waiting connections is full.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Error::NoGreeting { .. } | Error::QueueFull { .. })
     }
 
     /// QEMU may or may not have executed the command: it was sent and then the

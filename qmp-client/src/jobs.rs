@@ -277,9 +277,16 @@ impl Job {
     }
 
     /// Waits for `concluded` and returns the job's error text (`None` on success).
+    ///
+    /// When the connection closes right after the job concluded, before its
+    /// `query-jobs` entry could be read (a relay whose owner finished with the
+    /// job, say), the error is the one its `BLOCK_JOB_COMPLETED` event carried.
     pub async fn wait_concluded(&mut self, timeout: Duration) -> Result<Option<String>> {
         match self.wait_for(&[JobStatus::Concluded], timeout).await {
-            Ok(_) => self.error().await,
+            Ok(_) => match self.error().await {
+                Err(e) if e.is_closed() => Ok(self.event_error.clone()),
+                other => other,
+            },
             // Dismissed behind our back (auto-dismiss): the event told us the outcome.
             Err(Error::Job { .. }) if self.status == JobStatus::Null => {
                 Ok(self.event_error.clone())

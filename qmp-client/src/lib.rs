@@ -39,7 +39,12 @@
 //!
 //! QEMU serves one client per monitor; a second client's connect succeeds but
 //! no greeting ever comes. That is reported as [`Error::NoGreeting`] after the
-//! greeting timeout: give each program its own `-qmp` monitor.
+//! greeting timeout: give each program its own `-qmp` monitor. QEMU listens
+//! with a backlog of 1, and connections that gave up waiting stay queued, so
+//! a few attempts later the kernel refuses new ones (`EAGAIN`); the client
+//! retries until the connect timeout (QEMU drains the queue once the monitor
+//! is free) and then reports [`Error::QueueFull`]. [`Error::is_busy`] covers
+//! both.
 //!
 //! # Pipelining
 //!

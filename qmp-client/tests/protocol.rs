@@ -1015,6 +1015,40 @@ fn job_entry(id: &str, status: &str, error: Option<&str>) -> Value {
     entry
 }
 
+/// A job seen to conclude, whose connection then closes before `query-jobs`
+/// is answered (a relay whose owner finished with the job): the outcome is
+/// the one its events told, not a closed connection.
+#[tokio::test]
+async fn job_concluded_then_connection_closed_reports_the_events_error() {
+    let server = FakeServer::start(|mut peer| async move {
+        peer.handshake().await;
+        let start = peer.expect("block-commit").await;
+        peer.reply(&start.id, json!({})).await;
+        peer.job_status("c1", "running").await;
+        let cancel = peer.expect("job-cancel").await;
+        peer.reply(&cancel.id, json!({})).await;
+        peer.job_status("c1", "aborting").await;
+        peer.event(
+            "BLOCK_JOB_COMPLETED",
+            json!({"device": "c1", "type": "commit", "len": 4, "offset": 1, "speed": 0,
+                   "error": "Operation canceled"}),
+        )
+        .await;
+        peer.job_status("c1", "concluded").await;
+        // The query for the job's error goes unanswered: the peer goes away.
+        peer.expect("query-jobs").await;
+    });
+    let (client, _connection) = connect(server.path(), config()).await;
+    let mut job = client
+        .start_job_raw("c1", "block-commit", json!({"job-id": "c1", "device": "d"}))
+        .await
+        .unwrap();
+    job.cancel().await.unwrap();
+    let error = job.wait_concluded(SOON).await.unwrap();
+    assert_eq!(error.as_deref(), Some("Operation canceled"));
+    assert_eq!(job.status(), &JobStatus::Concluded);
+}
+
 #[tokio::test]
 async fn job_follows_events_and_reports_its_error_after_dismissing() {
     let server = FakeServer::start(|mut peer| async move {

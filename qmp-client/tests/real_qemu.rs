@@ -192,7 +192,28 @@ async fn greeting_status_busy_monitor_and_hmp_socket() {
         .await
         .expect_err("a second client on a busy monitor");
     assert!(matches!(busy, Error::NoGreeting { .. }), "{busy:?}");
-    assert!(busy.is_timeout());
+    assert!(busy.is_timeout() && busy.is_busy());
+    // That attempt still waits in QEMU's accept queue (backlog 1, so two
+    // places): one more fits, after which connect() itself fails with EAGAIN,
+    // which is reported as the same busy monitor, never as a bare OS error.
+    let second = Config::new()
+        .greeting_timeout(Duration::from_millis(500))
+        .connect_unix(&qmp_socket)
+        .await
+        .expect_err("a third client on a busy monitor");
+    assert!(matches!(second, Error::NoGreeting { .. }), "{second:?}");
+    let full = Config::new()
+        .connect_timeout(Duration::from_millis(300))
+        .connect_unix(&qmp_socket)
+        .await
+        .expect_err("a full accept queue");
+    assert!(matches!(full, Error::QueueFull { .. }), "{full:?}");
+    assert!(full.is_busy(), "{full:?}");
+    assert!(
+        full.to_string()
+            .contains("another client holds this monitor"),
+        "{full}"
+    );
     // The first client is unaffected.
     client.execute(qmp::query_status {}).await.unwrap();
 

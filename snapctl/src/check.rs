@@ -67,17 +67,39 @@ fn frozen_by<'a>(record: &'a Record, image: &Path) -> Vec<&'a str> {
 
 /// Every drift between the record, the live graph (when QEMU runs) and the headers.
 pub fn drifts(record: &Record, live: Option<&LiveGraph>, jobs: &[RunningJob]) -> Vec<Drift> {
+    drifts_during(record, live, jobs, None)
+}
+
+/// [`drifts`] while the snapctl process `holder` (which holds the VM's lock)
+/// may be running an operation: its journal entry is reported as in
+/// progress, not as interrupted.
+pub fn drifts_during(
+    record: &Record,
+    live: Option<&LiveGraph>,
+    jobs: &[RunningJob],
+    holder: Option<u32>,
+) -> Vec<Drift> {
     let mut out = Vec::new();
     for entry in &record.journal {
-        out.push(Drift {
-            kind: "journal",
-            disk: None,
-            message: format!(
+        let message = if holder == Some(entry.pid) {
+            format!(
+                "a {} (pid {}, started {}) is in progress",
+                entry.operation.name(),
+                entry.pid,
+                entry.started
+            )
+        } else {
+            format!(
                 "an interrupted {} (pid {}, started {}) left unfinished work",
                 entry.operation.name(),
                 entry.pid,
                 entry.started
-            ),
+            )
+        };
+        out.push(Drift {
+            kind: "journal",
+            disk: None,
+            message,
         });
     }
     for job in jobs {

@@ -120,7 +120,11 @@ pub enum Error {
     #[error(
         "vm {} is locked by another snapctl{}; gave up after {}",
         quoted(vm),
-        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
+        match (holder, operation) {
+            (Some(pid), Some(op)) => format!(" (pid {pid}, {op})"),
+            (Some(pid), None) => format!(" (pid {pid})"),
+            (None, _) => String::new(),
+        },
         human_duration(*waited)
     )]
     Locked {
@@ -128,6 +132,8 @@ pub enum Error {
         vm: String,
         /// The process id the holder wrote into the lock file, when it could be read.
         holder: Option<u32>,
+        /// The operation the holder has journaled (`commit`, …), when it has one.
+        operation: Option<String>,
         /// How long this process waited.
         waited: Duration,
     },
@@ -139,6 +145,27 @@ pub enum Error {
         vm: String,
         /// The entry's id.
         id: u64,
+    },
+
+    /// QEMU's monitor is held by another client (QEMU serves one client per
+    /// monitor) and no relay of a snapctl holding the VM answered. `detail`
+    /// is qmp-client's account of the busy socket, shown when the holder is
+    /// not known to be a snapctl.
+    #[error("{}", match holder {
+        Some(h) => format!(
+            "QEMU's monitor {} is busy: {h} holds it and its relay does not answer; \
+             try again when it is done",
+            socket.display()
+        ),
+        None => detail.clone(),
+    })]
+    MonitorBusy {
+        /// QEMU's monitor socket.
+        socket: PathBuf,
+        /// The snapctl holding the VM's lock, when one does.
+        holder: Option<crate::store::Holder>,
+        /// What the connection attempt found.
+        detail: String,
     },
 
     /// Talking to QEMU failed; QEMU's own message is in the source.
@@ -395,6 +422,11 @@ impl Error {
         matches!(self, Error::Qmp(e) if e.is_closed())
     }
 
+    /// Whether QEMU's monitor was busy (held by another client).
+    pub fn is_monitor_busy(&self) -> bool {
+        matches!(self, Error::MonitorBusy { .. })
+    }
+
     /// Whether the error is a lock held by another snapctl (worth retrying later).
     pub fn is_locked(&self) -> bool {
         matches!(self, Error::Locked { .. })
@@ -457,10 +489,38 @@ mod tests {
     }
 
     #[test]
+    fn busy_monitor_names_a_snapctl_holder_or_keeps_the_hint() {
+        let foreign = Error::MonitorBusy {
+            socket: "/run/vm1.sock".into(),
+            holder: None,
+            detail: "/run/vm1.sock accepted … (add a second -qmp)".into(),
+        };
+        assert_eq!(
+            foreign.to_string(),
+            "/run/vm1.sock accepted … (add a second -qmp)"
+        );
+        let ours = Error::MonitorBusy {
+            socket: "/run/vm1.sock".into(),
+            holder: Some(crate::store::Holder {
+                pid: Some(123),
+                operation: Some("commit".into()),
+            }),
+            detail: "/run/vm1.sock accepted … (add a second -qmp)".into(),
+        };
+        assert_eq!(
+            ours.to_string(),
+            "QEMU's monitor /run/vm1.sock is busy: snapctl (pid 123, commit) holds it and its \
+             relay does not answer; try again when it is done"
+        );
+        assert!(ours.is_monitor_busy());
+    }
+
+    #[test]
     fn lock_message_names_the_holder() {
         let e = Error::Locked {
             vm: "ci1".into(),
             holder: Some(1234),
+            operation: None,
             waited: Duration::from_secs(10),
         };
         assert_eq!(
@@ -469,7 +529,18 @@ mod tests {
         );
         let e = Error::Locked {
             vm: "ci1".into(),
+            holder: Some(123),
+            operation: Some("commit".into()),
+            waited: Duration::from_secs(30),
+        };
+        assert_eq!(
+            e.to_string(),
+            "vm ci1 is locked by another snapctl (pid 123, commit); gave up after 30s"
+        );
+        let e = Error::Locked {
+            vm: "ci1".into(),
             holder: None,
+            operation: None,
             waited: Duration::from_millis(200),
         };
         assert_eq!(

@@ -148,9 +148,11 @@ struct DebugEdge {
     name: String,
 }
 
-/// Filter drivers sit above a format node and pass I/O to their `file` child.
-/// They hold no data: a disk's chain skips them, and its active image is the
-/// first format node below.
+/// Filter drivers sit above a format node and pass I/O to their `file` child
+/// (or, for the nodes block jobs insert while they run, `commit_top` above a
+/// commit's top and `mirror_top` above an active commit's, their `backing`
+/// child). They hold no data: a disk's chain skips them, and its active image
+/// is the first format node below.
 fn is_filter(driver: &str) -> bool {
     matches!(
         driver,
@@ -160,6 +162,8 @@ fn is_filter(driver: &str) -> bool {
             | "compress"
             | "copy-before-write"
             | "snapshot-access"
+            | "commit_top"
+            | "mirror_top"
     )
 }
 
@@ -306,17 +310,24 @@ fn assemble(blocks: Vec<BlockInfo>, nodes: Vec<NodeInfo>, edges: Option<Edges>) 
         // Step down through filters above the active image (their `file` child);
         // without the edge list there is no way to name that child, and the disk
         // is then shown without a chain (not snapshottable).
-        while let Some(node) = next.clone().filter(|n| filters.contains_key(n)) {
-            next = edges
-                .as_ref()
-                .and_then(|e| e.get(&(node, "file".to_owned())).cloned());
-        }
+        let below_filters = |mut next: Option<String>| {
+            while let Some(node) = next.clone().filter(|n| filters.contains_key(n)) {
+                next = edges.as_ref().and_then(|e| {
+                    e.get(&(node.clone(), "file".to_owned()))
+                        .or_else(|| e.get(&(node, "backing".to_owned())))
+                        .cloned()
+                });
+            }
+            next
+        };
+        next = below_filters(next);
         while let Some(node) = next {
             let Some((layer, _)) = layers.get(&node) else {
                 break;
             };
             chain.push(layer.clone());
-            next = backing_of(&node);
+            // A running commit puts its filter between a layer and its backing.
+            next = below_filters(backing_of(&node));
             if chain.len() > 100_000 {
                 break;
             }
@@ -430,6 +441,34 @@ mod tests {
             !g.nodes.contains_key("#block1"),
             "protocol nodes are not layers"
         );
+    }
+
+    #[test]
+    fn running_commits_filter_nodes_are_not_layers() {
+        // An active commit's mirror_top above the device's image, and an
+        // intermediate commit's commit_top between a layer and its backing.
+        let mut blocks = blocks();
+        blocks[0].inserted = Some(Inserted {
+            node_name: "mt".into(),
+        });
+        let mut nodes = nodes();
+        nodes.push(node(
+            "mt",
+            "mirror_top",
+            "/i/top.qcow2",
+            Some("/i/base.qcow2"),
+        ));
+        nodes.push(node("ct", "commit_top", "/i/base.qcow2", None));
+        let edge = |p: &str, c: &str| (((p.to_string()), "backing".to_string()), c.to_string());
+        let edges = HashMap::from([edge("mt", "top"), edge("top", "ct"), edge("ct", "base")]);
+        let g = assemble(blocks, nodes, Some(edges));
+        let names: Vec<_> = g.disks["vda"]
+            .chain
+            .iter()
+            .map(|l| l.node.as_str())
+            .collect();
+        assert_eq!(names, ["top", "base"]);
+        assert!(!g.nodes.contains_key("mt") && !g.nodes.contains_key("ct"));
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //! - [`plan`]: pure planners (record + facts in, typed operation and ordered steps out);
 //!   `--dry-run` prints the steps.
 //! - [`run`]: the [`Session`], and the one executor that carries out any plan's steps;
-//!   recovery of interrupted operations.
+//!   recovery of interrupted operations; [`run::relay`], through which other snapctl
+//!   processes reach QEMU's monitor while a session holds it.
 //! - [`views`]: snapshot lists, chains, `qemu-args`; [`check`]: drift between record,
 //!   QEMU and headers.
 //!

@@ -16,6 +16,7 @@ use qmp_client::Client;
 use snapctl::operation::Operation;
 use snapctl::plan::revert::RunAfter;
 use snapctl::record::Record;
+use snapctl::run::relay;
 use snapctl::{
     CreateOptions, Interrupt, Plan, RunOptions, Session, SessionOptions, Store, check, graph, views,
 };
@@ -155,17 +156,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(d) = disk {
                 snapctl::plan::known_disk(&record, d)?;
             }
-            let socket = socket_of(g, Some(&record));
-            let client = match &socket {
-                Some(s) => snapctl::run::connect_if_running(s, COMMAND_TIMEOUT).await?,
-                None => None,
-            };
-            if let (Some(s), None, false) = (&socket, &client, g.quiet) {
-                eprintln!(
-                    "snapctl: QEMU is not reachable at {} (nothing listens there): showing the chains from the image headers",
-                    s.display()
-                );
-            }
+            let instead = "showing the chains from the image headers";
+            let client = reader(g, &store, &vm, &record, instead, true).await?;
             let live = graph::read_if_running(client.as_ref()).await?;
             let view = views::chains(&record, live.as_ref(), disk.as_deref())?;
             output::chain(&view, g.json)?;
@@ -388,18 +380,52 @@ fn socket_of(g: &cli::Global, record: Option<&Record>) -> Option<PathBuf> {
 }
 
 /// QEMU's monitor of a registered VM, without taking the VM's lock (`jobs`,
-/// `job`: they must work while another snapctl runs a job).
+/// `job`: they must work while another snapctl runs a job, through its relay).
 async fn connect(g: &cli::Global, store: &Store, vm: &str) -> anyhow::Result<Client> {
     let record = registered(store, vm)?;
     let Some(socket) = socket_of(g, Some(&record)) else {
         bail!("no QMP socket known for this VM: pass --socket PATH");
     };
-    match snapctl::run::connect_if_running(&socket, COMMAND_TIMEOUT).await? {
-        Some(client) => Ok(client),
+    match relay::connect_reader(store, vm, &socket, COMMAND_TIMEOUT).await? {
+        Some(reader) => Ok(reader.client),
         None => bail!(
             "QEMU of vm {vm} is not running (nothing answers on {})",
             socket.display()
         ),
+    }
+}
+
+/// QEMU's monitor for a command that can do without it (`chain`, `check`):
+/// `None` when QEMU does not run, or when another client holds its monitor,
+/// which is then said on stderr, followed by what the command does instead.
+async fn reader(
+    g: &cli::Global,
+    store: &Store,
+    vm: &str,
+    record: &Record,
+    instead: &str,
+    say_unreachable: bool,
+) -> anyhow::Result<Option<Client>> {
+    let Some(socket) = socket_of(g, Some(record)) else {
+        return Ok(None);
+    };
+    match relay::connect_reader(store, vm, &socket, COMMAND_TIMEOUT).await {
+        Ok(None) => {
+            if say_unreachable && !g.quiet {
+                eprintln!(
+                    "snapctl: QEMU is not reachable at {} (nothing listens there): {}",
+                    socket.display(),
+                    instead
+                );
+            }
+            Ok(None)
+        }
+        Ok(reader) => Ok(reader.map(|r| r.client)),
+        Err(e) if e.is_monitor_busy() => {
+            eprintln!("snapctl: QEMU's monitor is busy: {instead} ({e})");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -541,27 +567,24 @@ async fn check_cmd(
     repair: bool,
     adopt: bool,
 ) -> anyhow::Result<ExitCode> {
-    // A VM that is not registered fails before anything (the lock file) is
-    // created; without --repair the store is read-only anyway.
-    registered(store, vm)?;
+    if !repair {
+        // Only reads: no lock, so that it works while another snapctl
+        // runs an operation (whose journal entry is then in progress).
+        let record = registered(store, vm)?;
+        let holder = store.holder(vm)?.and_then(|h| h.pid);
+        let instead = "cannot compare with QEMU; comparing the record with the image headers";
+        let client = reader(g, store, vm, &record, instead, false).await?;
+        let jobs = running_jobs(client.as_ref()).await?;
+        let live = graph::read_if_running(client.as_ref()).await?;
+        let drifts = check::drifts_during(&record, live.as_ref(), &jobs, holder);
+        return report_check(&drifts, &[], live.is_some(), g.json);
+    }
     let mut session = open(g, store, vm).await?;
     let mut changes = Vec::new();
     if repair {
         changes = session.repair_journal().await?;
     }
-    let jobs = match session.client() {
-        Some(c) => c
-            .query_jobs()
-            .await?
-            .into_iter()
-            .map(|j| check::RunningJob {
-                id: j.id,
-                kind: j.kind,
-                status: j.status.to_string(),
-            })
-            .collect(),
-        None => Vec::new(),
-    };
+    let jobs = running_jobs(session.client()).await?;
     let live = session.live().await?.cloned();
     if adopt {
         let Some(live) = &live else {
@@ -580,12 +603,37 @@ async fn check_cmd(
         changes.extend(adopted);
     }
     let drifts = check::drifts(session.record(), live.as_ref(), &jobs);
-    output::check(&drifts, &changes, live.is_some(), g.json)?;
+    report_check(&drifts, &changes, live.is_some(), g.json)
+}
+
+fn report_check(
+    drifts: &[check::Drift],
+    changes: &[String],
+    live: bool,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    output::check(drifts, changes, live, as_json)?;
     Ok(if drifts.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_DRIFT)
     })
+}
+
+/// QEMU's jobs, as `check` reports them.
+async fn running_jobs(client: Option<&Client>) -> anyhow::Result<Vec<check::RunningJob>> {
+    let Some(c) = client else {
+        return Ok(Vec::new());
+    };
+    Ok(c.query_jobs()
+        .await?
+        .into_iter()
+        .map(|j| check::RunningJob {
+            id: j.id,
+            kind: j.kind,
+            status: j.status.to_string(),
+        })
+        .collect())
 }
 
 async fn job_action(

@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `<vm>.json` | the VM's [`Record`], mode 0600 |
 //! | `<vm>.lock` | the sidecar lock file, mode 0600; holds the holder's pid while locked |
+//! | `<vm>.relay` | while a holder is connected to QEMU: its monitor relay's socket, mode 0600 ([`crate::run::relay`]) |
 //!
 //! Writers take the VM's lock ([`Store::lock`]) and hold it for a whole operation; the
 //! record can only be written through the [`VmLock`]. Readers that only display
@@ -150,9 +151,11 @@ impl Store {
             }
             let now = Instant::now();
             if now >= deadline {
+                let holder = read_holder(&file);
                 return Err(Error::Locked {
                     vm: vm.to_owned(),
-                    holder: read_holder(&file),
+                    holder,
+                    operation: holder.and_then(|pid| self.operation_of(vm, pid)),
                     waited: wait,
                 });
             }
@@ -173,6 +176,56 @@ impl Store {
             record_path: self.record_path(vm)?,
             read_only: self.read_only,
         })
+    }
+
+    /// The snapctl process holding `vm`'s lock, if another process holds it
+    /// now; `None` when the lock is free (or `vm` has no lock file yet).
+    ///
+    /// Probes with a shared lock taken and released at once, so a holder is
+    /// seen exactly as long as the operating system says it holds the lock;
+    /// its pid comes from the lock file and its operation from the record's
+    /// journal (an operation is journaled before its first change, so a
+    /// holder still planning shows none).
+    pub fn holder(&self, vm: &str) -> Result<Option<Holder>> {
+        validate_vm_name(vm)?;
+        let path = self.dir.join(format!("{vm}.lock"));
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open lock file", &path, e)),
+        };
+        match file.try_lock_shared() {
+            Ok(()) => {
+                let _ = file.unlock();
+                Ok(None)
+            }
+            Err(TryLockError::WouldBlock) => {
+                let pid = read_holder(&file);
+                Ok(Some(Holder {
+                    pid,
+                    operation: pid.and_then(|pid| self.operation_of(vm, pid)),
+                }))
+            }
+            Err(TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+        }
+    }
+
+    /// The operation process `pid` has journaled for `vm`, if any.
+    fn operation_of(&self, vm: &str, pid: u32) -> Option<String> {
+        let record = self.peek(vm).ok()??;
+        let entry = record.journal.iter().rev().find(|e| e.pid == pid)?;
+        Some(entry.operation.name().to_owned())
+    }
+
+    /// `<dir>/<vm>.relay`: where the holder of `vm`'s lock relays QEMU's
+    /// monitor while it is connected to it ([`crate::run::relay`]).
+    pub fn relay_path(&self, vm: &str) -> Result<PathBuf> {
+        validate_vm_name(vm)?;
+        Ok(self.dir.join(format!("{vm}.relay")))
     }
 
     /// Reads `vm`'s record without taking the lock, for commands that only display it.
@@ -205,6 +258,26 @@ impl Store {
     }
 }
 
+/// Another snapctl process holding a VM's lock, as [`Store::holder`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The pid it wrote into the lock file, when that could be read.
+    pub pid: Option<u32>,
+    /// The operation it has journaled (`commit`, `delete`, …), if any yet.
+    pub operation: Option<String>,
+}
+
+impl std::fmt::Display for Holder {
+    /// `snapctl (pid 123, commit)`, `snapctl (pid 123)`, or `another snapctl`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.pid, &self.operation) {
+            (Some(pid), Some(op)) => write!(f, "snapctl (pid {pid}, {op})"),
+            (Some(pid), None) => write!(f, "snapctl (pid {pid})"),
+            (None, _) => write!(f, "another snapctl"),
+        }
+    }
+}
+
 /// The exclusive right to change one VM's record, from [`Store::lock`] until dropped.
 ///
 /// Every write of the record goes through here, so nothing writes without the lock.
@@ -222,6 +295,11 @@ impl VmLock {
     /// The VM this lock is for.
     pub fn vm(&self) -> &str {
         &self.vm
+    }
+
+    /// `<dir>/<vm>.relay`, the socket of this holder's monitor relay.
+    pub fn relay_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.relay", self.vm))
     }
 
     /// Reads the VM's record; `None` when it has none yet.
@@ -425,6 +503,30 @@ fn default_dir_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holder_is_seen_while_the_lock_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.holder("ci1").unwrap(), None, "no lock file yet");
+        let lock = store.lock("ci1", Duration::ZERO).unwrap();
+        let holder = store.holder("ci1").unwrap().expect("a holder");
+        assert_eq!(holder.pid, Some(std::process::id()));
+        assert_eq!(holder.operation, None, "nothing journaled");
+        assert_eq!(
+            holder.to_string(),
+            format!("snapctl (pid {})", std::process::id())
+        );
+        // The probe leaves the lock as it was: still held, and free once dropped.
+        assert!(store.lock("ci1", Duration::ZERO).unwrap_err().is_locked());
+        drop(lock);
+        assert_eq!(store.holder("ci1").unwrap(), None);
+        store.lock("ci1", Duration::ZERO).unwrap();
+        assert_eq!(
+            store.relay_path("ci1").unwrap(),
+            dir.path().join("ci1.relay")
+        );
+    }
 
     #[test]
     fn default_dir() {

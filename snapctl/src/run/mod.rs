@@ -30,6 +30,7 @@ mod internal;
 pub mod jobs;
 mod merge;
 pub mod recover;
+pub mod relay;
 mod revert;
 
 use std::os::unix::fs::MetadataExt;
@@ -186,6 +187,9 @@ impl Host for HostFiles {
 /// One VM, locked for this session: its record, its QEMU when it runs.
 #[derive(Debug)]
 pub struct Session {
+    /// Relays QEMU's monitor to other snapctl processes while connected;
+    /// first, so that it stops before the lock is released.
+    relay: Option<relay::Relay>,
     store: Store,
     lock: VmLock,
     record: Record,
@@ -215,7 +219,13 @@ impl Session {
             None => None,
         };
         let qga = options.qga.clone().or_else(|| record.qga_socket.clone());
+        let relay = client.as_ref().and_then(|c| {
+            relay::Relay::start(&lock, c)
+                .inspect_err(|e| tracing::info!("not relaying QEMU's monitor: {e}"))
+                .ok()
+        });
         Ok(Session {
+            relay,
             store: store.clone(),
             lock,
             record,
@@ -480,6 +490,9 @@ impl Session {
     /// Runs a plan made by this session. The record is updated (and saved) as
     /// the plan's record step says; on failure it says what is left.
     pub async fn run(&mut self, plan: &Plan, options: &RunOptions) -> Result<Outcome> {
+        if let Some(relay) = &self.relay {
+            relay.set_operation(plan.operation.name());
+        }
         // A job changes the chain under a revert or a merge; a snapshot of
         // other disks may go ahead (QEMU refuses one of a busy node itself).
         if let Some(c) = &self.client

@@ -43,7 +43,7 @@ const BULK: Bulk = Bulk {
 
 /// Where the small writes go (64 KiB each; the last one is never written:
 /// it must read zeroes everywhere), and the bulk range.
-const PATTERN: Pattern = Pattern {
+pub(crate) const PATTERN: Pattern = Pattern {
     offsets: &[0, K64, 2 * K64, 3 * K64, 4 * K64, 5 * K64],
     bulk: Some(BULK),
 };
@@ -52,7 +52,7 @@ const PATTERN: Pattern = Pattern {
 const BASE: &str = "base.qcow2";
 
 /// How long an interrupted or timed-out merge may take to give up.
-const GIVE_UP: Duration = Duration::from_secs(10);
+pub(crate) const GIVE_UP: Duration = Duration::from_secs(10);
 
 /// Registers the VM and takes s1 to s4, each after writes; every step also
 /// overwrites offset 0, so each moment reads differently there.
@@ -95,7 +95,7 @@ fn four_snapshots(vm: &mut Vm) -> History {
 /// | after s2 | 0x13 at 0, the bulk range if `bulk_on_top` |
 ///
 /// The chain: `base (s1) <- vda.s1 (s2) <- vda.s2 (active)`.
-fn bulk_history(vm: &mut Vm, bulk_on_top: bool) -> History {
+pub(crate) fn bulk_history(vm: &mut Vm, bulk_on_top: bool) -> History {
     vm.snapctl.args(["init"]).ok();
     let mut history = History::new(PATTERN);
     history.write(vm, 0, 0x11);
@@ -425,7 +425,7 @@ fn pull_all_offline() {
 /// Starts `snapctl ARGS` in the background, waits until QEMU runs its job
 /// and at least `after` has passed, and checks (through the test's own
 /// monitor: snapctl's is busy) that the job is running and unfinished.
-fn start_slow_job(vm: &mut Vm, args: &[&str], after: Duration) -> Background {
+pub(crate) fn start_slow_job(vm: &mut Vm, args: &[&str], after: Duration) -> Background {
     let mut child = vm.snapctl.args(args).spawn();
     let started = integration::wait_until(Duration::from_secs(10), || {
         !vm.monitor.jobs().is_empty() || !child.is_running()

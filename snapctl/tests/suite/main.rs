@@ -24,6 +24,7 @@
 //! | [`internal`] | `create --internal`: savevm-style snapshots reverted in the same QEMU; merges never carry their images away |
 //! | [`jobs`] | `commit`, `pull`, `jobs`, `job` on a one-disk VM |
 //! | [`ownership`] | overlays owned like the images they cover; a QEMU running as another user |
+//! | [`relay`] | another shell while snapctl holds the monitor: the relay; a foreign client on it |
 //! | [`store`] | the record store against real files: atomic saves, damage, locks |
 //! | [`surgery`] | `revert` and `delete` on a two-disk VM |
 //! | [`usability`] | what people see: chain labels, `list`, usage and help, no-op `init`/`pull`, read-only commands, overlay names, unknown disks |
@@ -42,6 +43,7 @@ mod internal;
 mod jobs;
 mod offline;
 mod ownership;
+mod relay;
 mod store;
 mod surgery;
 mod usability;

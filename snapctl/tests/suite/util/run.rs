@@ -266,6 +266,11 @@ impl Background {
         &self.command
     }
 
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// How long ago it was started.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
