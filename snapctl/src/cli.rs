@@ -178,6 +178,30 @@ pub enum Command {
         dry_run: bool,
     },
 
+    /// A new VM standing on a snapshot's frozen images: thin overlays for every disk in
+    /// DIR, recorded as VM2 (start it with `snapctl --vm VM2 qemu-args`). The images
+    /// it stands on are pinned: neither VM writes, merges away or removes them.
+    Clone {
+        /// The snapshot.
+        name: String,
+        /// The new VM's name.
+        #[arg(long, value_name = "VM2")]
+        to: String,
+        /// Where the new overlays go.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
+    /// Drop this VM's record (--vm), unpinning what it stood on.
+    Forget {
+        /// Also remove the images it owns that no other VM uses (QEMU must be stopped).
+        #[arg(long)]
+        files: bool,
+    },
+
     /// Print the -blockdev/-device arguments that reopen the current chains.
     QemuArgs {
         /// Only this disk.
@@ -289,6 +313,8 @@ impl Command {
             | Command::Describe { .. }
             | Command::Rename { .. }
             | Command::Export { .. }
+            | Command::Clone { .. }
+            | Command::Forget { .. }
             | Command::Create(_)
             | Command::Revert { .. }
             | Command::Delete { .. }

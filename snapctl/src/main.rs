@@ -329,6 +329,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Clone {
+            name,
+            to,
+            dir,
+            dry_run,
+        } => {
+            let mut session = open(g, &store, &vm).await?;
+            settle(&mut session, *dry_run).await?;
+            let plan = session.plan_clone(name, to, dir).await?;
+            if *dry_run {
+                output::plan(&plan.steps, g.json)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let outcome = run_watched(&mut session, &plan, &run_options(g, None)).await?;
+            if let Operation::Clone(op) = &plan.operation {
+                output::cloned(op, &outcome, g.json)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Forget { files } => {
+            let session = open(g, &store, &vm).await?;
+            let lines = session.forget(*files)?;
+            output::lines(&lines, g.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::QemuArgs { disk } => {
             let record = registered(&store, &vm)?;
             if let Some(d) = disk {

@@ -24,6 +24,7 @@ pub enum Operation {
     Pull(Merge),
     Internal(Internal),
     Export(Export),
+    Clone(Clone),
     /// An entry this build cannot read (written by another version): kept as it
     /// is, reported, never acted on.
     Unreadable {
@@ -43,6 +44,7 @@ impl Operation {
             Operation::Pull(_) => "pull",
             Operation::Internal(_) => "internal",
             Operation::Export(_) => "export",
+            Operation::Clone(_) => "clone",
             Operation::Unreadable { op, .. } => op,
         }
     }
@@ -56,6 +58,7 @@ impl Operation {
             Operation::Commit(m) | Operation::Pull(m) => serde_json::to_value(m),
             Operation::Internal(i) => serde_json::to_value(i),
             Operation::Export(e) => serde_json::to_value(e),
+            Operation::Clone(c) => serde_json::to_value(c),
             Operation::Unreadable { detail, .. } => Ok(detail.clone()),
         }
     }
@@ -74,6 +77,7 @@ impl Operation {
             "pull" => parse(&detail).map(Operation::Pull),
             "internal" => parse(&detail).map(Operation::Internal),
             "export" => parse(&detail).map(Operation::Export),
+            "clone" => parse(&detail).map(Operation::Clone),
             _ => None,
         };
         parsed.unwrap_or_else(|| Operation::Unreadable {
@@ -346,4 +350,23 @@ pub struct Export {
     pub format: String,
     pub compress: bool,
     pub size: u64,
+}
+
+/// One disk of a clone: a fresh overlay on the snapshot's frozen image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskClone {
+    pub disk: String,
+    pub frozen: PathBuf,
+    pub frozen_format: String,
+    pub overlay: PathBuf,
+    pub size: u64,
+}
+
+/// `clone`: a new VM standing on a snapshot's frozen images.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Clone {
+    pub snapshot: String,
+    /// The new VM's name.
+    pub to: String,
+    pub disks: Vec<DiskClone>,
 }

@@ -27,6 +27,13 @@ pub fn list(record: &Record, tree: bool, as_json: bool) -> io::Result<()> {
         return json(&views::list(record));
     }
     let mut out = io::stdout().lock();
+    if let Some(origin) = &record.clone_of {
+        writeln!(
+            out,
+            "{} is a clone of {} at snapshot {}",
+            record.vm, origin.vm, origin.snapshot
+        )?;
+    }
     if record.snapshots.is_empty() {
         return writeln!(out, "no snapshots of {}", record.vm);
     }
@@ -870,4 +877,54 @@ pub fn exported(
         op.output.display(),
         op.format
     )
+}
+
+/// `clone --json`.
+#[derive(Serialize)]
+struct Cloned<'a> {
+    vm: &'a str,
+    snapshot: &'a str,
+    /// Per disk, the clone's overlay and the frozen image it stands on.
+    disks: BTreeMap<&'a str, Switched<'a>>,
+    warnings: &'a [String],
+}
+
+pub fn cloned(op: &snapctl::operation::Clone, outcome: &Outcome, as_json: bool) -> io::Result<()> {
+    if as_json {
+        return json(&Cloned {
+            vm: &op.to,
+            snapshot: &op.snapshot,
+            disks: switched(op.disks.iter().map(|d| (&d.disk, &d.frozen, &d.overlay))),
+            warnings: &outcome.warnings,
+        });
+    }
+    warnings(outcome);
+    let mut out = io::stdout().lock();
+    writeln!(out, "cloned {} as vm {}", op.snapshot, op.to)?;
+    for d in &op.disks {
+        writeln!(
+            out,
+            "  {}: {} on {}",
+            d.disk,
+            d.overlay.display(),
+            d.frozen.display()
+        )?;
+    }
+    writeln!(out, "start it with: snapctl --vm {} qemu-args", op.to)
+}
+
+/// What a command did, one line each (`--json`: `{"done": [...]}`).
+pub fn lines(lines: &[String], as_json: bool) -> io::Result<()> {
+    #[derive(Serialize)]
+    struct Done<'a> {
+        done: &'a [String],
+    }
+    if as_json {
+        return json(&Done { done: lines });
+    }
+    let mut out = io::stdout().lock();
+    for line in lines {
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
 }

@@ -47,6 +47,13 @@ pub struct Record {
     /// The snapshot the running state descends from; `None` before the first snapshot.
     #[serde(default)]
     pub current: Option<String>,
+    /// Images of this VM that other VMs' chains stand on (clones), by image:
+    /// the VMs. A pinned image is never written, merged away or removed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pins: BTreeMap<PathBuf, BTreeSet<String>>,
+    /// This VM was cloned from another VM's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<CloneOrigin>,
     /// A checkpoint reverted while QEMU was stopped: its disks are in place and
     /// its memory state is still to load into the next QEMU (`revert` again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,6 +138,13 @@ pub struct Snapshot {
     /// Fields this build does not know, kept across rewrites.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Where a clone came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneOrigin {
+    pub vm: String,
+    pub snapshot: String,
 }
 
 /// Where a checkpoint's memory and device state is: a qcow2 container snapctl
@@ -248,6 +262,8 @@ impl Record {
             layers: BTreeMap::new(),
             snapshots: Vec::new(),
             current: None,
+            pins: BTreeMap::new(),
+            clone_of: None,
             pending_memory: None,
             journal: Vec::new(),
             extra: BTreeMap::new(),
@@ -544,11 +560,16 @@ impl Record {
     /// snapshot's frozen image. A layer outside this set serves nothing and is removable
     /// (if snapctl owns it).
     pub fn layers_needed(&self) -> BTreeSet<&Path> {
-        let tops = self.disks.values().map(|d| d.active.as_path()).chain(
-            self.snapshots
-                .iter()
-                .flat_map(|s| s.disks.values().map(|d| d.image.as_path())),
-        );
+        let tops = self
+            .disks
+            .values()
+            .map(|d| d.active.as_path())
+            .chain(
+                self.snapshots
+                    .iter()
+                    .flat_map(|s| s.disks.values().map(|d| d.image.as_path())),
+            )
+            .chain(self.pins.keys().map(PathBuf::as_path));
         tops.flat_map(|top| self.chain_from(top)).collect()
     }
 
@@ -559,6 +580,32 @@ impl Record {
             .filter(|s| s.disks.values().any(|d| d.image == image))
             .map(|s| s.name.as_str())
             .collect()
+    }
+
+    /// The VMs (clones) whose chains stand on `image`.
+    pub fn pinned_by(&self, image: &Path) -> Vec<&str> {
+        self.pins
+            .get(image)
+            .map(|vms| vms.iter().map(String::as_str).collect())
+            .unwrap_or_default()
+    }
+
+    /// Marks `image` as one `vm`'s chain stands on.
+    pub fn pin(&mut self, image: &Path, vm: &str) {
+        self.pins
+            .entry(image.to_owned())
+            .or_default()
+            .insert(vm.to_owned());
+    }
+
+    /// Drops every pin of `vm` (forgotten); returns whether any was there.
+    pub fn unpin(&mut self, vm: &str) -> bool {
+        let mut found = false;
+        for vms in self.pins.values_mut() {
+            found |= vms.remove(vm);
+        }
+        self.pins.retain(|_, vms| !vms.is_empty());
+        found
     }
 
     /// The internal snapshots that live inside `image`: it is never merged

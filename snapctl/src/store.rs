@@ -297,6 +297,13 @@ impl VmLock {
         &self.vm
     }
 
+    /// Reads another VM's record in the same state directory, without its lock
+    /// (as [`Store::peek`]).
+    pub fn peek_other(&self, vm: &str) -> Result<Option<Record>> {
+        validate_vm_name(vm)?;
+        read_record(&self.dir.join(format!("{vm}.json")), vm)
+    }
+
     /// `<dir>/<vm>.relay`, the socket of this holder's monitor relay.
     pub fn relay_path(&self) -> PathBuf {
         self.dir.join(format!("{}.relay", self.vm))

@@ -17,6 +17,9 @@ use crate::record::{Record, Snapshot};
 #[derive(Debug, Serialize)]
 pub struct SnapshotList<'a> {
     pub vm: &'a str,
+    /// A clone: the VM and snapshot it was cloned from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<&'a crate::record::CloneOrigin>,
     pub current: Option<&'a str>,
     pub snapshots: Vec<SnapshotView<'a>>,
 }
@@ -81,6 +84,7 @@ impl<'a> SnapshotView<'a> {
 pub fn list(record: &Record) -> SnapshotList<'_> {
     SnapshotList {
         vm: &record.vm,
+        clone_of: record.clone_of.as_ref(),
         current: record.current.as_deref(),
         snapshots: record
             .snapshots

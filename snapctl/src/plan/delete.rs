@@ -159,8 +159,20 @@ pub fn choose(
     // Commit writes f and removes c: f must be snapctl's, and c must carry
     // one chain only (the others would still name c). Stream writes c.
     let inside_c = record.internal_snapshots_in(&c);
+    let clones = |p: &Path| record.pinned_by(p).join(", ");
     let commit_blocked = if !record.owns(f) {
         Some(format!("{} is not snapctl's to write", f.display()))
+    } else if !record.pinned_by(f).is_empty() || !record.pinned_by(&c).is_empty() {
+        let pinned = if record.pinned_by(f).is_empty() {
+            &c
+        } else {
+            f
+        };
+        Some(format!(
+            "clone {} stands on {}",
+            clones(pinned),
+            pinned.display()
+        ))
     } else if !inside_c.is_empty() {
         Some(format!(
             "{} holds internal snapshot {}, so it is never merged away",
@@ -180,6 +192,8 @@ pub fn choose(
     // reads its unallocated clusters from that backing, so it would change.
     let stream_blocked = if !record.owns(&c) {
         Some(format!("{} is not snapctl's to write", c.display()))
+    } else if !record.pinned_by(&c).is_empty() {
+        Some(format!("clone {} stands on {}", clones(&c), c.display()))
     } else {
         (!inside_c.is_empty()).then(|| {
             format!(

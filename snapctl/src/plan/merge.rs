@@ -97,6 +97,18 @@ pub fn plan_commit(
             )));
         }
     }
+    // A clone stands on the base or on a layer merged away: neither may change.
+    if let Some((layer, vms)) = chain[t..=b]
+        .iter()
+        .map(|l| (l, record.pinned_by(l)))
+        .find(|(_, vms)| !vms.is_empty())
+    {
+        return Err(Error::Refused(format!(
+            "clone {} stands on {}: commit never writes or merges away an image another VM uses",
+            vms.join(", "),
+            layer.display()
+        )));
+    }
     // The layers merged into the base leave every chain: none may hold an
     // internal snapshot.
     if let Some((layer, names)) = chain[t..b]

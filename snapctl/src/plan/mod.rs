@@ -13,6 +13,7 @@
 //! lines, node-name allocation) are shared by every planner, so that the same
 //! QMP request is built in one place.
 
+pub mod clone;
 pub mod create;
 pub mod delete;
 pub mod export;

@@ -22,6 +22,7 @@
 //! failure means for their operation (what to undo, what the record keeps);
 //! [`recover`] finishes or undoes an operation a crash interrupted.
 
+mod clone;
 mod create;
 mod delete;
 mod exec;
@@ -455,6 +456,83 @@ impl Session {
         plan::delete::plan(&record, &facts, name, metadata_only, bandwidth)
     }
 
+    /// Plans `clone NAME --to VM --dir DIR`.
+    pub async fn plan_clone(&mut self, name: &str, to: &str, dir: &Path) -> Result<Plan> {
+        if self.store.peek(to)?.is_some() {
+            return Err(Error::Refused(format!(
+                "vm {to} already has a record: choose another name, or `snapctl --vm {to} forget` it"
+            )));
+        }
+        let record = self.record.clone();
+        let facts = self.facts(&HostFiles).await?;
+        plan::clone::plan(&record, &facts, name, to, dir)
+    }
+
+    /// Drops this VM's record, and with `files` the images it owns that no
+    /// other record knows; unpins what it stood on in the other records.
+    /// Returns one line per thing done.
+    pub fn forget(self, files: bool) -> Result<Vec<String>> {
+        let vm = self.record.vm.clone();
+        if files && self.client.is_some() {
+            return Err(Error::Refused(format!(
+                "QEMU of vm {vm} is running: stop it before removing its files"
+            )));
+        }
+        if let Some((image, vms)) = self.record.pins.iter().next() {
+            return Err(Error::Refused(format!(
+                "clone {} stands on {} of vm {vm}: forget the clones first",
+                vms.iter().cloned().collect::<Vec<_>>().join(", "),
+                image.display()
+            )));
+        }
+        let others: Vec<Record> = self
+            .store
+            .list_vms()?
+            .into_iter()
+            .filter(|v| *v != vm)
+            .filter_map(|v| self.store.peek(&v).ok().flatten())
+            .collect();
+        let mut lines = Vec::new();
+        let mut removals = Vec::new();
+        if files {
+            for (path, layer) in &self.record.layers {
+                if layer.owned && !others.iter().any(|o| o.layers.contains_key(path)) {
+                    removals.push(path.clone());
+                }
+            }
+            removals.extend(
+                self.record
+                    .snapshots
+                    .iter()
+                    .filter_map(|s| s.memory.as_ref().map(|m| m.path.clone())),
+            );
+        }
+        self.lock.restore(None)?;
+        lines.push(format!("forgot vm {vm}"));
+        for other in others {
+            if other.pins.values().any(|vms| vms.contains(&vm)) {
+                let lock = self.store.lock(&other.vm, Duration::from_secs(30))?;
+                if let Some(mut current) = lock.load()?
+                    && current.unpin(&vm)
+                {
+                    lock.save(&current)?;
+                    lines.push(format!(
+                        "unpinned the images of vm {} it stood on",
+                        other.vm
+                    ));
+                }
+            }
+        }
+        for path in removals {
+            match std::fs::remove_file(&path) {
+                Ok(()) => lines.push(format!("removed {}", path.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => lines.push(format!("could not remove {}: {e}", path.display())),
+            }
+        }
+        Ok(lines)
+    }
+
     /// Plans an export of one disk as of a snapshot.
     pub async fn plan_export(&mut self, opts: &plan::export::ExportOptions) -> Result<Plan> {
         let record = self.record.clone();
@@ -526,6 +604,7 @@ impl Session {
             }
             Operation::Internal(op) => internal::run(ctx, op, &plan.steps).await,
             Operation::Export(op) => export::run(ctx, op, &plan.steps).await,
+            Operation::Clone(op) => clone::run(ctx, &self.store, op, &plan.steps).await,
             Operation::Unreadable { op, .. } => Err(Error::Refused(format!(
                 "cannot run an unreadable {op} plan"
             ))),

@@ -72,6 +72,7 @@ pub async fn recover(
             (Operation::Internal(op), _) if op.live == client.is_some() => {
                 Some(recover_internal(client, record, op).await?)
             }
+            (Operation::Clone(op), _) => Some(recover_clone(client, lock, record, op).await?),
             (Operation::Export(op), _) => {
                 run_steps(None, &removals(vec![op.output.clone()]).collect::<Vec<_>>()).await;
                 Some(format!(
@@ -494,4 +495,27 @@ async fn recover_internal(
         }
     };
     Ok(line)
+}
+
+/// An interrupted clone is complete once the clone's record exists (it is
+/// written last); otherwise its overlays go.
+async fn recover_clone(
+    client: Option<&Client>,
+    lock: &VmLock,
+    record: &mut Record,
+    op: &crate::operation::Clone,
+) -> Result<String> {
+    if lock.peek_other(&op.to)?.is_some() {
+        plan::clone::apply(record, op);
+        return Ok(format!(
+            "completed the interrupted clone {} of {}",
+            op.to, op.snapshot
+        ));
+    }
+    let files: Vec<_> = op.disks.iter().map(|d| d.overlay.clone()).collect();
+    run_steps(client, &removals(files).collect::<Vec<_>>()).await;
+    Ok(format!(
+        "rolled back the interrupted clone {}: its overlays are removed",
+        op.to
+    ))
 }

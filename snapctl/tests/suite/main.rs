@@ -14,6 +14,7 @@
 //! | [`bookkeeping`] | `current`, `describe`, `rename`, `create --reuse-external` |
 //! | [`checkpoints`] | `create --memory`: memory and disks reverted in the same QEMU, offline and after a crash |
 //! | [`cli`] | `init`, `create`, `list`, `show`, `chain`, `check`, `qemu-args`; refusals that change nothing |
+//! | [`clone`] | `clone` and `forget`: thin VMs on a template that never changes under them |
 //! | [`concurrency`] | several snapctl processes on one VM at once |
 //! | [`disks`] | which disks a snapshot covers (a `-device` without `id=`), one record per QEMU |
 //! | [`dry_run`] | what runs is what `--dry-run` printed, step for step, live and offline |
@@ -33,6 +34,7 @@ mod adopt;
 mod bookkeeping;
 mod checkpoints;
 mod cli;
+mod clone;
 mod concurrency;
 mod disks;
 mod dry_run;
