@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use super::{
-    Facts, NodeNames, Plan, Step, memory_blockdev, memory_job_steps, new_file_problem,
+    Facts, NodeNames, Plan, Step, image_size, memory_blockdev, memory_job_steps, new_file_problem,
     overlay_blockdev,
 };
 use crate::error::{Error, Result};
@@ -331,17 +331,7 @@ fn plan_offline(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Res
             continue;
         }
         let frozen = &disk.active;
-        let virtual_size = record
-            .layers
-            .get(frozen)
-            .and_then(|l| l.virtual_size)
-            .or_else(|| facts.host.virtual_size(frozen))
-            .ok_or_else(|| {
-                Error::Drift(format!(
-                    "the size of {} cannot be read: run snapctl check",
-                    frozen.display()
-                ))
-            })?;
+        let virtual_size = image_size(record, facts, frozen)?;
         let overlay = overlay_path(facts, opts, id, frozen)?;
         let reused = reuses(opts, id);
         if reused {

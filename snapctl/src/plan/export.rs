@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Facts, Plan, Step, new_file_problem};
+use super::{Facts, Plan, Step, image_size, new_file_problem};
 use crate::error::{Error, Result};
 use crate::operation::{Export, Operation};
 use crate::record::Record;
@@ -81,17 +81,7 @@ pub fn plan(record: &Record, facts: &Facts<'_>, opts: &ExportOptions) -> Result<
             output.display()
         )));
     }
-    let size = record
-        .layers
-        .get(&sd.image)
-        .and_then(|l| l.virtual_size)
-        .or_else(|| facts.host.virtual_size(&sd.image))
-        .ok_or_else(|| {
-            Error::Drift(format!(
-                "the size of {} cannot be read: run snapctl check",
-                sd.image.display()
-            ))
-        })?;
+    let size = image_size(record, facts, &sd.image)?;
     let export = Export {
         snapshot: opts.snapshot.clone(),
         disk,

@@ -101,26 +101,13 @@ pub fn plan_save(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Re
 /// Plans a revert to internal snapshot `name`.
 pub fn plan_load(record: &Record, facts: &Facts<'_>, name: &str, after: RunAfter) -> Result<Plan> {
     let (snapshot, state) = internal_snapshot(record, name)?;
-    let mut disks = Vec::new();
-    for (id, sd) in &snapshot.disks {
-        let active = record.disks.get(id).map(|d| d.active.as_path());
-        if active != Some(sd.image.as_path()) {
-            return Err(Error::Refused(format!(
-                "internal snapshot {name} lives in {}, which is no longer {id}'s active image \
-                 (a later snapshot froze it): revert to the snapshot that froze it first, then to {name}",
-                sd.image.display()
-            )));
-        }
-        let node = match facts.live {
-            Some(g) => live_active(g, id, &sd.image)?.0,
-            None => String::new(),
-        };
-        disks.push(InternalDisk {
-            disk: id.clone(),
-            image: sd.image.clone(),
-            node,
-        });
-    }
+    let disks = images_of(record, facts, snapshot, true, |image, id| {
+        format!(
+            "internal snapshot {name} lives in {}, which is no longer {id}'s active image \
+             (a later snapshot froze it): revert to the snapshot that froze it first, then to {name}",
+            image.display()
+        )
+    })?;
     let mut nodes = NodeNames::taken_in(facts.live);
     let op = Internal {
         action: InternalAction::Load,
@@ -147,26 +134,13 @@ pub fn plan_delete(
     metadata_only: bool,
 ) -> Result<Plan> {
     let (snapshot, state) = internal_snapshot(record, name)?;
-    let mut disks = Vec::new();
-    for (id, sd) in &snapshot.disks {
-        let active = record.disks.get(id).map(|d| d.active.as_path());
-        if !metadata_only && active != Some(sd.image.as_path()) {
-            return Err(Error::Refused(format!(
-                "internal snapshot {name} lives in {}, which a later snapshot froze: snapctl never \
-                 writes a frozen image; `delete {name} --metadata-only` forgets it and leaves the image as it is",
-                sd.image.display()
-            )));
-        }
-        let node = match facts.live.filter(|_| !metadata_only) {
-            Some(g) => live_active(g, id, &sd.image)?.0,
-            None => String::new(),
-        };
-        disks.push(InternalDisk {
-            disk: id.clone(),
-            image: sd.image.clone(),
-            node,
-        });
-    }
+    let disks = images_of(record, facts, snapshot, !metadata_only, |image, _| {
+        format!(
+            "internal snapshot {name} lives in {}, which a later snapshot froze: snapctl never \
+             writes a frozen image; `delete {name} --metadata-only` forgets it and leaves the image as it is",
+            image.display()
+        )
+    })?;
     let mut nodes = NodeNames::taken_in(facts.live);
     let op = Internal {
         action: InternalAction::Delete,
@@ -183,6 +157,35 @@ pub fn plan_delete(
         disks,
     };
     Ok(plan_of(op))
+}
+
+/// The images an internal snapshot lives in, with their nodes when QEMU runs.
+/// With `in_place` (the images are to be changed), each must still be its
+/// disk's active image; `frozen` says why not.
+fn images_of(
+    record: &Record,
+    facts: &Facts<'_>,
+    snapshot: &Snapshot,
+    in_place: bool,
+    frozen: impl Fn(&Path, &str) -> String,
+) -> Result<Vec<InternalDisk>> {
+    let mut disks = Vec::new();
+    for (id, sd) in &snapshot.disks {
+        let active = record.disks.get(id).map(|d| d.active.as_path());
+        if in_place && active != Some(sd.image.as_path()) {
+            return Err(Error::Refused(frozen(&sd.image, id)));
+        }
+        let node = match facts.live.filter(|_| in_place) {
+            Some(g) => live_active(g, id, &sd.image)?.0,
+            None => String::new(),
+        };
+        disks.push(InternalDisk {
+            disk: id.clone(),
+            image: sd.image.clone(),
+            node,
+        });
+    }
+    Ok(disks)
 }
 
 fn internal_snapshot<'r>(

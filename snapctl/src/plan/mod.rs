@@ -34,6 +34,7 @@ use serde_json::{Value, json};
 use crate::graph::{LiveDisk, LiveGraph};
 use crate::names;
 use crate::operation::{LiveJob, MemoryState, Operation};
+use crate::record::Record;
 
 /// One step of a plan, in the order it runs.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
@@ -227,6 +228,21 @@ pub fn new_file_problem(facts: &Facts<'_>, path: &Path) -> Option<&'static str> 
         DirState::NotADirectory => Some("its directory is not a directory"),
         DirState::Missing => Some("its directory does not exist"),
     }
+}
+
+/// The guest-visible size of `image`: as recorded, or read from its header.
+pub fn image_size(record: &Record, facts: &Facts<'_>, image: &Path) -> crate::error::Result<u64> {
+    record
+        .layers
+        .get(image)
+        .and_then(|l| l.virtual_size)
+        .or_else(|| facts.host.virtual_size(image))
+        .ok_or_else(|| {
+            crate::error::Error::Drift(format!(
+                "the size of {} cannot be read: run snapctl check",
+                image.display()
+            ))
+        })
 }
 
 /// Hands out node names QEMU does not use yet.

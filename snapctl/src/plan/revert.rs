@@ -16,7 +16,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{
-    Facts, NodeNames, Plan, Step, layer_blockdev, memory_blockdev, memory_job_steps,
+    Facts, NodeNames, Plan, Step, image_size, layer_blockdev, memory_blockdev, memory_job_steps,
     overlay_blockdev, qom_set_drive, removals,
 };
 use crate::error::{Error, Result};
@@ -186,15 +186,7 @@ pub fn plan(record: &Record, facts: &Facts<'_>, name: &str, after: RunAfter) -> 
                 sd.image.display()
             ))
         })?;
-        let virtual_size = layer
-            .virtual_size
-            .or_else(|| facts.host.virtual_size(&sd.image))
-            .ok_or_else(|| {
-                Error::Drift(format!(
-                    "the size of {} cannot be read: run snapctl check",
-                    sd.image.display()
-                ))
-            })?;
+        let virtual_size = image_size(record, facts, &sd.image)?;
         let dir = sd.image.parent().unwrap_or(Path::new("/"));
         let overlay = (1u32..)
             .map(|n| dir.join(names::overlay_file_name(disk, &format!("{name}-r{n}"))))
