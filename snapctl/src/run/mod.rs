@@ -17,7 +17,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! One executor ([`exec`]) carries out every plan's steps; [`jobs`] drives
+//! One executor (the `exec` module) carries out every plan's steps; [`jobs`] drives
 //! the merge jobs among them. The per-operation modules only say what a
 //! failure means for their operation (what to undo, what the record keeps);
 //! [`recover`] finishes or undoes an operation a crash interrupted.
