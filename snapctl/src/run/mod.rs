@@ -578,6 +578,16 @@ impl Session {
         {
             refuse_running_jobs(c).await?;
         }
+        // QEMU's snapshot-save/-load cannot work with these migration
+        // capabilities on (they fail half-way): refuse before anything changes.
+        if let Some(c) = &self.client
+            && plan.steps.iter().any(|s| {
+                matches!(s, plan::Step::Qmp { command, .. }
+                    if command == "snapshot-save" || command == "snapshot-load")
+            })
+        {
+            refuse_stream_capabilities(c).await?;
+        }
         // Only a plan that stops the guest needs to know whether it ran.
         let stops = plan
             .steps
@@ -779,6 +789,29 @@ async fn overlays_active(client: &Client, op: &crate::operation::Create) -> bool
 async fn vm_running(client: &Client) -> Result<bool> {
     let status = client.execute_raw("query-status", Value::Null).await?;
     Ok(status.get("running").and_then(Value::as_bool) == Some(true))
+}
+
+/// Refuses when a migration capability that `snapshot-save`/`-load` cannot
+/// work with is on (`mapped-ram`, `multifd`: set for migrations to files).
+async fn refuse_stream_capabilities(client: &Client) -> Result<()> {
+    let caps = client
+        .execute_raw("query-migrate-capabilities", Value::Null)
+        .await?;
+    let on: Vec<&str> = caps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["state"] == true)
+        .filter_map(|c| c["capability"].as_str())
+        .filter(|c| matches!(*c, "mapped-ram" | "multifd"))
+        .collect();
+    if on.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Refused(format!(
+        "QEMU has the migration capability {} on, with which it cannot save or load a VM state inside an image: turn it off (migrate-set-capabilities) first",
+        on.join(", ")
+    )))
 }
 
 /// Refuses when QEMU runs a job: the chain may be changing under us.

@@ -661,3 +661,29 @@ fn deleting_a_pending_checkpoint_forgets_its_memory() {
     );
     assert_eq!(vm.snapctl.record()["pending_memory"], Value::Null);
 }
+
+/// QEMU cannot save or load a state inside an image with the migration
+/// capabilities of file streams on: a checkpoint is refused before anything
+/// changes, and so is a revert to one.
+#[test]
+fn stream_capabilities_are_refused_before_anything_changes() {
+    let (mut vm, _qtest) = qtest_vm();
+    vm.snapctl.args(["create", "c1", "--memory"]).ok();
+    let on = |vm: &mut Vm, state: bool| {
+        vm.monitor.ok(
+            "migrate-set-capabilities",
+            serde_json::json!({"capabilities": [{"capability": "mapped-ram", "state": state}]}),
+        );
+    };
+    on(&mut vm, true);
+    let before = vm.untouched_state();
+    vm.snapctl
+        .args(["create", "c2", "--memory"])
+        .error_line(&["mapped-ram", "migrate-set-capabilities"]);
+    vm.snapctl
+        .args(["revert", "c1"])
+        .error_line(&["mapped-ram"]);
+    vm.assert_untouched(&before, "a refused checkpoint");
+    on(&mut vm, false);
+    vm.snapctl.args(["revert", "c1"]).ok();
+}
