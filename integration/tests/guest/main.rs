@@ -15,6 +15,7 @@
 //! `qemu-guest` group in `.config/nextest.toml`); under plain `cargo test` a
 //! lock in [`vm`] does the same.
 
+mod restore_points;
 mod snapshots;
 mod surgery;
 mod vm;
@@ -47,4 +48,19 @@ fn guest_active_commit_while_writing() {
 #[test]
 fn guest_delete_middle_snapshot_while_running() {
     surgery::delete_middle_snapshot_while_running();
+}
+
+#[test]
+fn guest_checkpoint_revert_resumes_without_reboot() {
+    restore_points::checkpoint_revert_resumes_without_reboot();
+}
+
+#[test]
+fn guest_internal_snapshot_revert_resumes_without_reboot() {
+    restore_points::internal_snapshot_revert_resumes_without_reboot();
+}
+
+#[test]
+fn guest_checkpoint_delete_after_revert_removes_memory_file() {
+    restore_points::checkpoint_delete_after_revert_removes_memory_file();
 }
