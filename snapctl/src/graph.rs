@@ -12,7 +12,7 @@
 //! `#blockNNN` node names) read the same way.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use qmp_client::Client;
 use serde::Deserialize;
@@ -367,6 +367,353 @@ pub async fn device_driver(client: &Client, disk: &str) -> Result<String> {
         .ok_or_else(|| Error::Graph(format!("qom-get type of {disk} returned {v}")))
 }
 
+/// What a disk was started with beyond its chain, read from QEMU at
+/// registration so that `qemu-args` restarts it the same way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskSettings {
+    /// The `-device` properties worth keeping, rendered as `-device` values
+    /// (see [`DEVICE_PROPERTIES`]).
+    pub device: BTreeMap<String, String>,
+    /// The node options, as dotted `-blockdev` keys: those of the format node
+    /// (`detect-zeroes`, `discard`, `cache.direct`, `cache.no-flush`) and, under
+    /// `file.`, those its protocol node has beyond what it inherits.
+    pub node_options: BTreeMap<String, Value>,
+    /// The settings that could not be read, for the user (`aio`, say).
+    pub unreadable: Vec<String>,
+}
+
+/// The `-device` properties snapctl keeps, when they differ from what a
+/// device created without them has. Properties QEMU computes (PCI address,
+/// bus, geometry, SCSI vendor/product strings, vectors) are left out: QEMU
+/// computes them again from the rest of the command line.
+///
+/// | property | kept when |
+/// |---|---|
+/// | `serial`, `iothread` | not empty |
+/// | `bootindex` | not -1 |
+/// | `logical_block_size`, `physical_block_size` | neither 0 nor 512 |
+/// | `discard_granularity` | not the default and not `physical_block_size` (what QEMU derives) |
+/// | `num-queues` | not the default and not the number of vCPUs (what QEMU derives) |
+/// | the others | not the type's default (`device-list-properties`) |
+pub const DEVICE_PROPERTIES: &[&str] = &[
+    "serial",
+    "bootindex",
+    "wwn",
+    "port_wwn",
+    "port_index",
+    "logical_block_size",
+    "physical_block_size",
+    "min_io_size",
+    "opt_io_size",
+    "discard_granularity",
+    "write-cache",
+    "num-queues",
+    "queue-size",
+    "rerror",
+    "werror",
+    "share-rw",
+    "discard",
+    "write-zeroes",
+    "max-discard-sectors",
+    "max-write-zeroes-sectors",
+    "iothread",
+    "rotation_rate",
+    "removable",
+    "dpofua",
+    "backend_defaults",
+    "account-invalid",
+    "account-failed",
+];
+
+/// What QEMU 10.0 does not report back about a node, said once at
+/// registration.
+const UNREPORTED: &str = "aio and driver-specific node options (qcow2 cache sizes, …)";
+
+/// One node as `query-named-block-nodes` reports its options.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct NodeSettings {
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+    pub drv: String,
+    pub file: String,
+    #[serde(default = "detect_zeroes_off")]
+    pub detect_zeroes: String,
+    #[serde(default)]
+    pub cache: NodeCache,
+}
+
+fn detect_zeroes_off() -> String {
+    "off".to_owned()
+}
+
+/// `cache` of `query-named-block-nodes` (`writeback` is the BlockBackend's,
+/// and reads `true` for a node without one).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub struct NodeCache {
+    #[serde(default)]
+    pub direct: bool,
+    #[serde(rename = "no-flush", default)]
+    pub no_flush: bool,
+    #[serde(default = "yes")]
+    pub writeback: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The node options of a disk from its active format node and that node's
+/// protocol (`file`) node, with what could not be read.
+///
+/// QEMU reports `detect_zeroes` and `cache` per node, but not `discard` nor
+/// `aio`. `discard` is known when `detect-zeroes` is `unmap`: QEMU refuses
+/// that without `discard=unmap` on the same node. Options a protocol node
+/// inherits from its format node (`cache.*`, `discard`) are written once,
+/// on the format node.
+pub fn node_options(
+    format: &NodeSettings,
+    file: Option<&NodeSettings>,
+) -> (BTreeMap<String, Value>, Vec<String>) {
+    let mut out = BTreeMap::new();
+    let mut unreadable = Vec::new();
+    if format.detect_zeroes != "off" {
+        out.insert("detect-zeroes".to_owned(), json!(format.detect_zeroes));
+    }
+    let discard_known = format.detect_zeroes == "unmap";
+    if discard_known {
+        out.insert("discard".to_owned(), json!("unmap"));
+    }
+    if format.cache.direct {
+        out.insert("cache.direct".to_owned(), json!(true));
+    }
+    if format.cache.no_flush {
+        out.insert("cache.no-flush".to_owned(), json!(true));
+    }
+    if let Some(file) = file {
+        if file.detect_zeroes != "off" {
+            out.insert("file.detect-zeroes".to_owned(), json!(file.detect_zeroes));
+            if file.detect_zeroes == "unmap" && !discard_known {
+                out.insert("file.discard".to_owned(), json!("unmap"));
+            }
+        }
+        if file.cache.direct != format.cache.direct {
+            out.insert("file.cache.direct".to_owned(), json!(file.cache.direct));
+        }
+        if file.cache.no_flush != format.cache.no_flush {
+            out.insert("file.cache.no-flush".to_owned(), json!(file.cache.no_flush));
+        }
+    }
+    if !discard_known {
+        unreadable.push("discard".to_owned());
+    }
+    unreadable.push(UNREPORTED.to_owned());
+    (out, unreadable)
+}
+
+/// The `-device` properties to keep from a device's `current` values (the
+/// [`DEVICE_PROPERTIES`] it has), given its type's `defaults` and the
+/// number of vCPUs, rendered as `-device` values.
+pub fn device_properties(
+    current: &BTreeMap<String, Value>,
+    defaults: &BTreeMap<String, Value>,
+    vcpus: Option<u64>,
+) -> BTreeMap<String, String> {
+    let differs = |name: &str, value: &Value| defaults.get(name).is_some_and(|d| d != value);
+    let mut out = BTreeMap::new();
+    for (name, value) in current {
+        let keep = match name.as_str() {
+            "serial" | "iothread" => value.as_str().is_some_and(|s| !s.is_empty()),
+            "bootindex" => value.as_i64().is_some_and(|i| i != -1),
+            "logical_block_size" | "physical_block_size" => {
+                value.as_u64().is_some_and(|n| n != 0 && n != 512)
+            }
+            "discard_granularity" => {
+                differs(name, value) && current.get("physical_block_size") != Some(value)
+            }
+            "num-queues" => differs(name, value) && value.as_u64() != vcpus,
+            _ => differs(name, value),
+        };
+        if keep {
+            out.insert(name.clone(), device_value(name, value));
+        }
+    }
+    out
+}
+
+/// A QOM value as a `-device` property value.
+fn device_value(name: &str, value: &Value) -> String {
+    match value {
+        Value::String(s) if name == "iothread" => {
+            s.strip_prefix("/objects/").unwrap_or(s).to_owned()
+        }
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => if *b { "on" } else { "off" }.to_owned(),
+        Value::Number(n) if name.ends_with("wwn") => n
+            .as_u64()
+            .map_or_else(|| n.to_string(), |n| format!("0x{n:x}")),
+        other => other.to_string(),
+    }
+}
+
+/// Reads what each of `disks` was started with beyond its chain: node
+/// options (`query-named-block-nodes`, the device's write cache from
+/// `query-block`) and device properties (`qom-list`, `qom-get`,
+/// `device-list-properties` for the defaults, `query-cpus-fast`). What QEMU
+/// rejects or does not report is listed in [`DiskSettings::unreadable`]
+/// rather than failing the registration.
+pub async fn read_settings(
+    client: &Client,
+    disks: &[&LiveDisk],
+) -> Result<BTreeMap<String, DiskSettings>> {
+    let (nodes, blocks, cpus) = tokio::join!(
+        client.execute_raw("query-named-block-nodes", json!({ "flat": true })),
+        client.execute_raw("query-block", Value::Null),
+        client.execute_raw("query-cpus-fast", Value::Null),
+    );
+    let nodes: Vec<NodeSettings> = decode("query-named-block-nodes", nodes?)?;
+    let blocks = blocks?;
+    let vcpus = best_effort(cpus)?.and_then(|c| c.as_array().map(|a| a.len() as u64));
+    let mut out = BTreeMap::new();
+    for disk in disks {
+        let mut settings = DiskSettings::default();
+        if let Some(active) = disk.active() {
+            let format = nodes.iter().find(|n| n.node_name == active.node);
+            let file = match &active.file_node {
+                Some(name) => nodes.iter().find(|n| &n.node_name == name),
+                None => nodes
+                    .iter()
+                    .find(|n| is_protocol(&n.drv) && Path::new(&n.file) == active.filename),
+            };
+            match format {
+                Some(format) => {
+                    (settings.node_options, settings.unreadable) = node_options(format, file);
+                }
+                None => settings
+                    .unreadable
+                    .push(format!("the options of node {}", active.node)),
+            }
+        }
+        let path = format!("/machine/peripheral/{}", disk.id);
+        let (device, writeback) =
+            read_device(client, &path, vcpus, &blocks, &disk.qom_path).await?;
+        settings.device = device.0;
+        settings.unreadable.extend(device.1);
+        // A `-drive` given `cache.writeback=off` (or `cache=writethrough`)
+        // disabled the BlockBackend's write cache, which `-blockdev` has no
+        // option for: the device's `write-cache` carries it.
+        if writeback == Some(false) && !settings.device.contains_key("write-cache") {
+            settings
+                .device
+                .insert("write-cache".to_owned(), "off".to_owned());
+        }
+        out.insert(disk.id.clone(), settings);
+    }
+    Ok(out)
+}
+
+/// One line naming, per group of disks, the settings QEMU did not report
+/// (`None` when it reported all): what `qemu-args` cannot carry over.
+pub fn unreadable_warning(settings: &BTreeMap<String, DiskSettings>) -> Option<String> {
+    let mut groups: BTreeMap<&[String], Vec<&str>> = BTreeMap::new();
+    for (id, s) in settings {
+        if !s.unreadable.is_empty() {
+            groups.entry(&s.unreadable).or_default().push(id);
+        }
+    }
+    if groups.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(what, disks)| format!("{}: {}", disks.join(", "), what.join(", ")))
+        .collect();
+    Some(format!(
+        "QEMU does not report these settings, so qemu-args leaves them to QEMU's defaults; \
+         add them by hand if QEMU was started with others: {}",
+        parts.join("; ")
+    ))
+}
+
+type DeviceRead = (BTreeMap<String, String>, Vec<String>);
+
+async fn read_device(
+    client: &Client,
+    path: &str,
+    vcpus: Option<u64>,
+    blocks: &Value,
+    qdev: &str,
+) -> Result<(DeviceRead, Option<bool>)> {
+    let mut unreadable = Vec::new();
+    let writeback = blocks.as_array().and_then(|blocks| {
+        blocks
+            .iter()
+            .find(|b| b["qdev"].as_str() == Some(qdev))
+            .and_then(|b| b["inserted"]["cache"]["writeback"].as_bool())
+    });
+    let (list, driver) = tokio::join!(
+        client.execute_raw("qom-list", json!({ "path": path })),
+        client.execute_raw("qom-get", json!({ "path": path, "property": "type" })),
+    );
+    let Some(list) = best_effort(list)? else {
+        unreadable.push(format!("the properties of {path} (qom-list failed)"));
+        return Ok(((BTreeMap::new(), unreadable), writeback));
+    };
+    let present: Vec<&str> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .filter(|n| DEVICE_PROPERTIES.contains(n))
+        .collect();
+    let mut defaults = BTreeMap::new();
+    match best_effort(driver)?.as_ref().and_then(Value::as_str) {
+        Some(driver) => {
+            let props = client
+                .execute_raw("device-list-properties", json!({ "typename": driver }))
+                .await;
+            for p in best_effort(props)?
+                .iter()
+                .filter_map(Value::as_array)
+                .flatten()
+            {
+                if let (Some(name), Some(d)) = (p["name"].as_str(), p.get("default-value")) {
+                    defaults.insert(name.to_owned(), d.clone());
+                }
+            }
+        }
+        None => unreadable.push(format!("the type of {path}")),
+    }
+    let values = futures_util::future::join_all(
+        present
+            .iter()
+            .map(|name| client.execute_raw("qom-get", json!({ "path": path, "property": name }))),
+    )
+    .await;
+    let mut current = BTreeMap::new();
+    for (name, value) in present.iter().zip(values) {
+        match best_effort(value)? {
+            Some(v) => {
+                current.insert((*name).to_owned(), v);
+            }
+            None => unreadable.push(format!("device property {name}")),
+        }
+    }
+    Ok((
+        (device_properties(&current, &defaults, vcpus), unreadable),
+        writeback,
+    ))
+}
+
+/// A command's answer, `None` when QEMU refused it (an error for the
+/// connection's failures).
+fn best_effort(answer: qmp_client::Result<Value>) -> Result<Option<Value>> {
+    match answer {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.qmp_class().is_some() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,6 +833,143 @@ mod tests {
                 PathBuf::from("/i/base.qcow2")
             ]
         );
+    }
+
+    fn settings(name: &str, drv: &str, detect_zeroes: &str, direct: bool) -> NodeSettings {
+        NodeSettings {
+            node_name: name.into(),
+            drv: drv.into(),
+            file: "/i/top.qcow2".into(),
+            detect_zeroes: detect_zeroes.into(),
+            cache: NodeCache {
+                direct,
+                no_flush: false,
+                writeback: true,
+            },
+        }
+    }
+
+    #[test]
+    fn node_options_keep_what_qemu_reports_and_name_what_it_does_not() {
+        // discard=unmap,detect-zeroes=unmap,cache.direct=on: the file node
+        // inherits the cache mode, so it is written once.
+        let (options, unreadable) = node_options(
+            &settings("top", "qcow2", "unmap", true),
+            Some(&settings("#b1", "file", "off", true)),
+        );
+        assert_eq!(
+            options,
+            BTreeMap::from([
+                ("cache.direct".to_owned(), json!(true)),
+                ("detect-zeroes".to_owned(), json!("unmap")),
+                ("discard".to_owned(), json!("unmap")),
+            ])
+        );
+        assert!(!unreadable.iter().any(|u| u == "discard"), "{unreadable:?}");
+        assert!(
+            unreadable.iter().any(|u| u.contains("aio")),
+            "{unreadable:?}"
+        );
+
+        // Defaults: nothing kept, discard unknown.
+        let (options, unreadable) = node_options(
+            &settings("top", "qcow2", "off", false),
+            Some(&settings("#b1", "file", "off", false)),
+        );
+        assert!(options.is_empty(), "{options:?}");
+        assert_eq!(unreadable[0], "discard");
+
+        // Options given on the file child only.
+        let (options, _) = node_options(
+            &settings("top", "qcow2", "off", false),
+            Some(&settings("#b1", "file", "unmap", true)),
+        );
+        assert_eq!(
+            options,
+            BTreeMap::from([
+                ("file.cache.direct".to_owned(), json!(true)),
+                ("file.detect-zeroes".to_owned(), json!("unmap")),
+                ("file.discard".to_owned(), json!("unmap")),
+            ])
+        );
+    }
+
+    #[test]
+    fn device_properties_keep_what_differs_from_a_device_created_without_them() {
+        let current: BTreeMap<String, Value> = [
+            ("serial", json!("SNAP123")),
+            ("bootindex", json!(2)),
+            ("logical_block_size", json!(512)),
+            ("physical_block_size", json!(4096)),
+            ("discard_granularity", json!(4096)),
+            ("num-queues", json!(2)),
+            ("queue-size", json!(256)),
+            ("write-cache", json!("off")),
+            ("share-rw", json!(false)),
+            ("wwn", json!(0x5000c50015ea71ac_u64)),
+            ("iothread", json!("/objects/io0")),
+            ("werror", json!("enospc")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let defaults: BTreeMap<String, Value> = [
+            ("discard_granularity", json!(4294967295_u64)),
+            ("num-queues", json!(65535)),
+            ("queue-size", json!(256)),
+            ("write-cache", json!("auto")),
+            ("share-rw", json!(false)),
+            ("wwn", json!(0)),
+            ("werror", json!("enospc")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let kept = device_properties(&current, &defaults, Some(2));
+        let expected: BTreeMap<String, String> = [
+            ("bootindex", "2"),
+            ("iothread", "io0"),
+            ("physical_block_size", "4096"),
+            ("serial", "SNAP123"),
+            ("write-cache", "off"),
+            ("wwn", "0x5000c50015ea71ac"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(kept, expected);
+        // With one vCPU, two queues were asked for.
+        assert_eq!(
+            device_properties(&current, &defaults, Some(1)).get("num-queues"),
+            Some(&"2".to_owned())
+        );
+        // A device with nothing set keeps nothing.
+        let plain: BTreeMap<String, Value> = [
+            ("serial", json!("")),
+            ("bootindex", json!(-1)),
+            ("logical_block_size", json!(512)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert!(device_properties(&plain, &defaults, Some(1)).is_empty());
+    }
+
+    #[test]
+    fn one_warning_line_groups_disks() {
+        let s = |u: &[&str]| DiskSettings {
+            unreadable: u.iter().map(|s| s.to_string()).collect(),
+            ..DiskSettings::default()
+        };
+        let all = BTreeMap::from([
+            ("vda".to_owned(), s(&["discard", "aio"])),
+            ("vdb".to_owned(), s(&["discard", "aio"])),
+            ("vdc".to_owned(), s(&["aio"])),
+        ]);
+        let line = unreadable_warning(&all).unwrap();
+        assert!(!line.contains('\n'));
+        assert!(line.ends_with("vdc: aio; vda, vdb: discard, aio"), "{line}");
+        assert_eq!(unreadable_warning(&BTreeMap::new()), None);
     }
 
     #[test]

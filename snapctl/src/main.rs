@@ -508,6 +508,9 @@ async fn init(g: &cli::Global, store: &Store, vm: &str) -> anyhow::Result<ExitCo
     let mut session = Session::open(store, vm, &session_options(g)).await?;
     session.running_client()?;
     let added = session.register().await?;
+    for warning in session.take_registration_warnings() {
+        tracing::warn!("{warning}");
+    }
     let anonymous: Vec<String> = session
         .live()
         .await?

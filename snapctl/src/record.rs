@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::error::RecordProblem;
 use crate::error::{Error, Result, quoted};
-use crate::graph::LiveDisk;
+use crate::graph::{DiskSettings, LiveDisk};
 use crate::names;
 use crate::operation::Operation;
 
@@ -77,6 +77,14 @@ pub struct Disk {
     /// How the guest sees the disk, so that the VM can be restarted on the current chain
     /// with the same device (`qemu-args`).
     pub device: DeviceBinding,
+    /// The options the disk's nodes were opened with, read from QEMU at
+    /// registration, as dotted `-blockdev` keys: the format node's
+    /// (`detect-zeroes`, `discard`, `cache.direct`, `cache.no-flush`) and, under
+    /// `file.`, its protocol node's. `qemu-args` gives them to every layer,
+    /// the overlays snapctl adds later included, as QEMU carries a node's
+    /// options over to the overlays it opens on it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_options: BTreeMap<String, serde_json::Value>,
 }
 
 /// The `-device` the disk is attached through.
@@ -84,7 +92,9 @@ pub struct Disk {
 pub struct DeviceBinding {
     /// The device driver, e.g. `virtio-blk-pci`.
     pub driver: String,
-    /// Other `-device` properties worth keeping (`serial`, `bootindex`, …); may be empty.
+    /// Other `-device` properties worth keeping (`serial`, `bootindex`, …), as
+    /// `-device` values, read at registration (see
+    /// [`crate::graph::DEVICE_PROPERTIES`]); may be empty.
     #[serde(default)]
     pub extra: BTreeMap<String, String>,
 }
@@ -796,6 +806,12 @@ impl Record {
     /// Adds a live disk the record does not know yet, with its chain as foreign
     /// layers, attached through `driver` (`init`, and the first `create`).
     pub fn register_disk(&mut self, disk: &LiveDisk, driver: &str) {
+        self.register_disk_with(disk, driver, &DiskSettings::default());
+    }
+
+    /// [`Record::register_disk`] keeping the device properties and node
+    /// options QEMU reported (`qemu-args` restarts the disk with them).
+    pub fn register_disk_with(&mut self, disk: &LiveDisk, driver: &str, settings: &DiskSettings) {
         if self.disks.contains_key(&disk.id) || disk.chain.is_empty() || disk.anonymous {
             return;
         }
@@ -806,8 +822,9 @@ impl Record {
                 active: disk.chain[0].filename.clone(),
                 device: DeviceBinding {
                     driver: driver.to_owned(),
-                    extra: BTreeMap::new(),
+                    extra: settings.device.clone(),
                 },
+                node_options: settings.node_options.clone(),
             },
         );
     }
@@ -900,6 +917,7 @@ mod tests {
                     driver: "virtio-blk-pci".into(),
                     extra: BTreeMap::from([("serial".into(), "abc".into())]),
                 },
+                node_options: BTreeMap::new(),
             },
         );
         rec.layers

@@ -219,6 +219,11 @@ pub fn label(chain: &[ChainEntry], i: usize) -> String {
 
 /// The QEMU arguments that reopen the recorded chains: one `-blockdev` per
 /// layer, base first, linked by node name, then the `-device` binding.
+///
+/// Every layer gets the disk's recorded node options ([`crate::record::Disk::node_options`],
+/// `file.`-keys on its protocol node); every layer below the active one is
+/// opened `"read-only": true`, its protocol node too, so that two QEMUs can
+/// share them (a template). The `-device` carries the recorded properties.
 pub fn qemu_args(record: &Record, only: Option<&str>) -> Vec<String> {
     let mut args = Vec::new();
     // A checkpoint reverted while QEMU was stopped: the guest must not run
@@ -233,6 +238,7 @@ pub fn qemu_args(record: &Record, only: Option<&str>) -> Vec<String> {
         let mut chain = record.chain(id);
         chain.reverse();
         let mut below: Option<String> = None;
+        let top = chain.len().saturating_sub(1);
         for (i, path) in chain.iter().enumerate() {
             let format = record
                 .layers
@@ -245,6 +251,13 @@ pub fn qemu_args(record: &Record, only: Option<&str>) -> Vec<String> {
                 "node-name": node,
                 "file": { "driver": "file", "filename": path },
             });
+            for (key, value) in &disk.node_options {
+                set_dotted(&mut spec, key, value.clone());
+            }
+            if i != top {
+                spec["read-only"] = true.into();
+                spec["file"]["read-only"] = true.into();
+            }
             if let Some(b) = &below {
                 spec["backing"] = b.clone().into();
             } else if format == "qcow2" {
@@ -256,14 +269,43 @@ pub fn qemu_args(record: &Record, only: Option<&str>) -> Vec<String> {
         }
         if let Some(top) = below {
             let mut device = format!("{},id={id},drive={top}", disk.device.driver);
-            for (k, v) in &disk.device.extra {
-                device.push_str(&format!(",{k}={v}"));
+            // A property name from a hand-edited record cannot smuggle in
+            // another property (`x,drive=…`): only plain names are written.
+            let plain = |k: &str| {
+                !k.is_empty()
+                    && !matches!(k, "id" | "drive" | "driver")
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            };
+            for (k, v) in disk.device.extra.iter().filter(|(k, _)| plain(k)) {
+                device.push_str(&format!(",{k}={}", v.replace(',', ",,")));
             }
             args.push("-device".to_owned());
             args.push(device);
         }
     }
     args
+}
+
+/// Sets `a.b.c` in a `-blockdev` object (`{"a": {"b": {"c": value}}}`),
+/// keeping what is there. The node's own keys (`driver`, `node-name`,
+/// `filename`, `backing`) are never taken from the record.
+fn set_dotted(spec: &mut serde_json::Value, key: &str, value: serde_json::Value) {
+    let parts: Vec<&str> = key.split('.').collect();
+    let Some((last, path)) = parts.split_last() else {
+        return;
+    };
+    if matches!(*last, "driver" | "node-name" | "filename" | "backing") {
+        return;
+    }
+    let mut at = spec;
+    for part in path {
+        if !at.get(*part).is_some_and(serde_json::Value::is_object) {
+            at[*part] = serde_json::json!({});
+        }
+        at = &mut at[*part];
+    }
+    at[*last] = value;
 }
 
 pub use crate::names::shell_quote;
@@ -333,6 +375,144 @@ mod tests {
         assert_eq!(
             labels(&[entry(true, &[], false)]),
             ["active (changes since the start); foreign"]
+        );
+    }
+
+    fn two_layer_record() -> Record {
+        use crate::record::{DeviceBinding, Disk, Layer};
+        let mut rec = Record::new("vm1");
+        let layer = |backing: Option<&str>| Layer {
+            format: "qcow2".into(),
+            backing: backing.map(PathBuf::from),
+            backing_string: backing.map(str::to_owned),
+            owned: false,
+            virtual_size: Some(1 << 20),
+        };
+        rec.layers.insert("/i/base.qcow2".into(), layer(None));
+        rec.layers
+            .insert("/i/mid.qcow2".into(), layer(Some("/i/base.qcow2")));
+        rec.layers
+            .insert("/i/top.qcow2".into(), layer(Some("/i/mid.qcow2")));
+        rec.disks.insert(
+            "vda".into(),
+            Disk {
+                active: "/i/top.qcow2".into(),
+                device: DeviceBinding {
+                    driver: "virtio-blk-pci".into(),
+                    extra: BTreeMap::from([
+                        ("bootindex".into(), "2".into()),
+                        ("serial".into(), "a,b".into()),
+                        ("x,drive=evil".into(), "1".into()),
+                        ("drive".into(), "evil".into()),
+                    ]),
+                },
+                node_options: BTreeMap::from([
+                    ("cache.direct".into(), true.into()),
+                    ("detect-zeroes".into(), "unmap".into()),
+                    ("discard".into(), "unmap".into()),
+                    ("file.aio".into(), "threads".into()),
+                ]),
+            },
+        );
+        rec
+    }
+
+    #[test]
+    fn qemu_args_keep_node_options_device_properties_and_open_backing_layers_read_only() {
+        let args = qemu_args(&two_layer_record(), None);
+        assert_eq!(args.len(), 8, "{args:?}");
+        let specs: Vec<serde_json::Value> = args[..6]
+            .chunks(2)
+            .map(|pair| {
+                assert_eq!(pair[0], "-blockdev");
+                serde_json::from_str(&pair[1]).unwrap()
+            })
+            .collect();
+        let names: Vec<&str> = specs
+            .iter()
+            .map(|s| s["node-name"].as_str().unwrap())
+            .collect();
+        for (i, spec) in specs.iter().enumerate() {
+            assert_eq!(spec["detect-zeroes"], "unmap", "{spec}");
+            assert_eq!(spec["discard"], "unmap", "{spec}");
+            assert_eq!(spec["cache"], serde_json::json!({"direct": true}), "{spec}");
+            assert_eq!(spec["file"]["aio"], "threads", "{spec}");
+            assert_eq!(spec["file"]["driver"], "file", "{spec}");
+            let top = i == 2;
+            assert_eq!(
+                spec.get("read-only"),
+                (!top).then_some(&true.into()),
+                "{spec}"
+            );
+            assert_eq!(
+                spec["file"].get("read-only"),
+                (!top).then_some(&true.into()),
+                "{spec}"
+            );
+            let backing = if i == 0 {
+                serde_json::Value::Null
+            } else {
+                names[i - 1].into()
+            };
+            assert_eq!(spec["backing"], backing, "{spec}");
+        }
+        assert_eq!(specs[0]["file"]["filename"], "/i/base.qcow2");
+        assert_eq!(specs[2]["file"]["filename"], "/i/top.qcow2");
+        assert_eq!(args[6], "-device");
+        assert_eq!(
+            args[7],
+            format!(
+                "virtio-blk-pci,id=vda,drive={},bootindex=2,serial=a,,b",
+                names[2]
+            )
+        );
+    }
+
+    #[test]
+    fn qemu_args_of_a_one_layer_disk_without_settings_are_as_before() {
+        let mut rec = two_layer_record();
+        rec.layers.clear();
+        rec.layers.insert(
+            "/i/top.qcow2".into(),
+            crate::record::Layer {
+                format: "raw".into(),
+                backing: None,
+                backing_string: None,
+                owned: false,
+                virtual_size: None,
+            },
+        );
+        let disk = rec.disks.get_mut("vda").unwrap();
+        disk.node_options.clear();
+        disk.device.extra.clear();
+        let args = qemu_args(&rec, None);
+        let spec: serde_json::Value = serde_json::from_str(&args[1]).unwrap();
+        assert_eq!(
+            spec,
+            serde_json::json!({
+                "driver": "raw",
+                "node-name": spec["node-name"],
+                "file": {"driver": "file", "filename": "/i/top.qcow2"},
+            })
+        );
+        assert_eq!(
+            args[3],
+            format!(
+                "virtio-blk-pci,id=vda,drive={}",
+                spec["node-name"].as_str().unwrap()
+            )
+        );
+    }
+
+    #[test]
+    fn dotted_keys_never_replace_the_nodes_own() {
+        let mut spec = serde_json::json!({"driver": "qcow2", "file": {"filename": "/a"}});
+        set_dotted(&mut spec, "driver", "raw".into());
+        set_dotted(&mut spec, "file.filename", "/b".into());
+        set_dotted(&mut spec, "file.cache.no-flush", true.into());
+        assert_eq!(
+            spec,
+            serde_json::json!({"driver": "qcow2", "file": {"filename": "/a", "cache": {"no-flush": true}}})
         );
     }
 

@@ -133,6 +133,7 @@ pub fn new_record(source: &Record, clone: &Clone) -> Record {
                 Disk {
                     active: d.overlay.clone(),
                     device: disk.device.clone(),
+                    node_options: disk.node_options.clone(),
                 },
             );
         }

@@ -81,6 +81,7 @@ impl Rec {
                     driver: "virtio-blk-pci".into(),
                     extra: BTreeMap::new(),
                 },
+                node_options: BTreeMap::new(),
             },
         );
         self

@@ -204,6 +204,9 @@ pub struct Session {
     /// operation changes them.
     live: Option<LiveGraph>,
     running: Option<bool>,
+    /// What registering disks could not read from QEMU, until said (see
+    /// [`Session::take_registration_warnings`]).
+    registration_warnings: Vec<String>,
 }
 
 impl Session {
@@ -236,6 +239,7 @@ impl Session {
             qga,
             live: None,
             running: None,
+            registration_warnings: Vec::new(),
         })
     }
 
@@ -247,6 +251,13 @@ impl Session {
     /// Whether the VM had a record when the session opened it.
     pub fn is_registered(&self) -> bool {
         self.before.is_some()
+    }
+
+    /// What the disks registered by this session could not have read from
+    /// QEMU (one line, or none), taken once: `init` says it; a `create` that
+    /// registers disks adds it to its outcome's warnings when it succeeds.
+    pub fn take_registration_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.registration_warnings)
     }
 
     /// QEMU's monitor, when QEMU runs.
@@ -307,9 +318,10 @@ impl Session {
         Ok(lines)
     }
 
-    /// Adds the live disks the record does not know (their device drivers
-    /// read through QOM) and remembers the sockets, in memory; returns the
-    /// disks added. Saved by [`Session::save`] or with the next operation.
+    /// Adds the live disks the record does not know (their device drivers,
+    /// device properties and node options read from QEMU, see
+    /// [`graph::read_settings`]; what QEMU does not report is said in one
+    /// warning, see [`Session::take_registration_warnings`]) and remembers the sockets, in memory; returns the disks added. Saved by [`Session::save`] or with the next operation.
     pub async fn register(&mut self) -> Result<Vec<String>> {
         let client = self.running_client()?.clone();
         let live = match self.live().await? {
@@ -324,12 +336,16 @@ impl Session {
         if !new.is_empty() {
             self.refuse_registered_elsewhere(&live)?;
         }
+        let settings = graph::read_settings(&client, &new).await?;
         let mut added = Vec::new();
         for disk in new {
             let driver = graph::device_driver(&client, &disk.id).await?;
-            self.record.register_disk(disk, &driver);
+            let read = settings.get(&disk.id).cloned().unwrap_or_default();
+            self.record.register_disk_with(disk, &driver, &read);
             added.push(disk.id.clone());
         }
+        self.registration_warnings
+            .extend(graph::unreadable_warning(&settings));
         if let Some(socket) = &self.socket {
             self.record.qmp_socket = Some(absolute(socket)?);
         }
@@ -628,6 +644,14 @@ impl Session {
             if let Some(before) = &self.before {
                 self.record = before.clone();
             }
+        }
+        let mut result = result;
+        if let (Ok(outcome), Operation::Create(_) | Operation::Internal(_)) =
+            (&mut result, &plan.operation)
+        {
+            let mut warnings = self.take_registration_warnings();
+            warnings.append(&mut outcome.warnings);
+            outcome.warnings = warnings;
         }
         result
     }

@@ -21,6 +21,7 @@
 //! | [`export`] | `export`: a standalone image of a disk as of a snapshot, live and offline |
 //! | [`faults`] | snapctl or QEMU killed mid-operation, full filesystems; recovery on the next run |
 //! | [`hostile`] | hand-edited records, hostile names, planted symlinks, permissions |
+//! | [`restart`] | `qemu-args` keeps node options, device properties, and opens backing layers read-only (two QEMUs on one template) |
 //! | [`offline`] | snapshots taken while QEMU is stopped, and QEMU restarted on them |
 //! | [`internal`] | `create --internal`: savevm-style snapshots reverted in the same QEMU; merges never carry their images away |
 //! | [`jobs`] | `commit`, `pull`, `jobs`, `job` on a one-disk VM |
@@ -46,6 +47,7 @@ mod jobs;
 mod offline;
 mod ownership;
 mod relay;
+mod restart;
 mod store;
 mod surgery;
 mod usability;

@@ -38,6 +38,7 @@ fn record(vm: &str) -> Record {
                 driver: "virtio-blk-pci".into(),
                 extra: BTreeMap::new(),
             },
+            node_options: BTreeMap::new(),
         },
     );
     let mut backing = None;
