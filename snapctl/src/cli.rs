@@ -195,6 +195,29 @@ pub enum Command {
         dry_run: bool,
     },
 
+    /// The live backup recipe in one command: a temporary snapshot NAME, a standalone
+    /// copy of every disk as of it in DIR, then the temporary overlays committed back:
+    /// the chain is as it was. An interrupted backup is rolled back by the next command.
+    Backup {
+        /// The temporary snapshot's name (also in the copies' file names).
+        name: String,
+        /// Where the copies go (`<disk>.<NAME>.qcow2`).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Freeze the guest's filesystems through the guest agent for the snapshot.
+        #[arg(long)]
+        quiesce: bool,
+        /// The copies' format.
+        #[arg(long, value_name = "FORMAT", default_value = "qcow2", value_parser = ["qcow2", "raw"])]
+        format: String,
+        /// Limit the merge back to RATE bytes per second (e.g. 50M).
+        #[arg(long, value_name = "RATE", value_parser = rate)]
+        bandwidth: Option<u64>,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
     /// Drop this VM's record (--vm), unpinning what it stood on.
     Forget {
         /// Also remove the images it owns that no other VM uses (QEMU must be stopped).
@@ -314,6 +337,7 @@ impl Command {
             | Command::Rename { .. }
             | Command::Export { .. }
             | Command::Clone { .. }
+            | Command::Backup { .. }
             | Command::Forget { .. }
             | Command::Create(_)
             | Command::Revert { .. }

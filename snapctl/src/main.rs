@@ -348,6 +348,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Backup {
+            name,
+            to,
+            quiesce,
+            format,
+            bandwidth,
+            dry_run,
+        } => {
+            let mut session = open(g, &store, &vm).await?;
+            settle(&mut session, *dry_run).await?;
+            let opts = snapctl::run::backup::BackupOptions {
+                name: name.clone(),
+                dir: to.clone(),
+                quiesce: *quiesce,
+                bandwidth: bandwidth.unwrap_or(0),
+                format: format.clone(),
+            };
+            let plan = session.plan_backup(&opts).await?;
+            if *dry_run {
+                output::plan(&plan.steps(), g.json)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let options = run_options(g, None);
+            let watcher = watch_signals(options.interrupt.clone());
+            let result = session.run_backup(&plan, &options).await;
+            watcher.abort();
+            let outcome = result?;
+            output::backed_up(name, &plan.outputs(), &outcome, g.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Forget { files } => {
             let session = open(g, &store, &vm).await?;
             let lines = session.forget(*files)?;

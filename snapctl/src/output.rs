@@ -928,3 +928,35 @@ pub fn lines(lines: &[String], as_json: bool) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// `backup --json`.
+#[derive(Serialize)]
+struct BackedUp<'a> {
+    /// The temporary snapshot (merged back: no longer in the record).
+    snapshot: &'a str,
+    /// The standalone copies, one per disk.
+    images: &'a [PathBuf],
+    warnings: &'a [String],
+}
+
+pub fn backed_up(
+    name: &str,
+    images: &[PathBuf],
+    outcome: &Outcome,
+    as_json: bool,
+) -> io::Result<()> {
+    if as_json {
+        return json(&BackedUp {
+            snapshot: name,
+            images,
+            warnings: &outcome.warnings,
+        });
+    }
+    warnings(outcome);
+    let mut out = io::stdout().lock();
+    writeln!(out, "backed up as of {name}; the chain is as it was")?;
+    for image in images {
+        writeln!(out, "  {}", image.display())?;
+    }
+    Ok(())
+}

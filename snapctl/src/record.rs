@@ -51,6 +51,10 @@ pub struct Record {
     /// the VMs. A pinned image is never written, merged away or removed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pins: BTreeMap<PathBuf, BTreeSet<String>>,
+    /// A backup in progress (`backup`): its temporary snapshot and the images it
+    /// writes. Left over after an interruption, the next command rolls it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupState>,
     /// This VM was cloned from another VM's snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_of: Option<CloneOrigin>,
@@ -148,6 +152,15 @@ pub struct Snapshot {
     /// Fields this build does not know, kept across rewrites.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// A backup in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupState {
+    /// The temporary snapshot the copies are taken from.
+    pub snapshot: String,
+    /// The standalone images being written.
+    pub outputs: Vec<PathBuf>,
 }
 
 /// Where a clone came from.
@@ -274,6 +287,7 @@ impl Record {
             current: None,
             pins: BTreeMap::new(),
             clone_of: None,
+            backup: None,
             pending_memory: None,
             journal: Vec::new(),
             extra: BTreeMap::new(),

@@ -73,6 +73,60 @@ pub fn plan(
     })
 }
 
+/// Plans merging a backup's temporary snapshot `name` back: on each disk the
+/// overlay it added is committed into the image it froze (an active commit),
+/// so that the chain is as it was before the backup, that image included,
+/// even a foreign one (QEMU wrote it as the active image until the backup).
+/// A disk where the layers are no longer exactly that falls back to an
+/// ordinary delete's choice.
+pub fn plan_merge_back(
+    record: &Record,
+    facts: &Facts<'_>,
+    name: &str,
+    bandwidth: u64,
+) -> Result<Plan> {
+    let snapshot = record.snapshot_named(name)?;
+    let mut disks = Vec::new();
+    for (disk, sd) in &snapshot.disks {
+        let f = &sd.image;
+        let active = record.disks.get(disk).map(|d| d.active.clone());
+        let merge = match active {
+            Some(c)
+                if record.dependents(f) == [c.as_path()]
+                    && record.snapshots_holding(f) == [name]
+                    && record.pinned_by(f).is_empty()
+                    && record.internal_snapshots_in(&c).is_empty() =>
+            {
+                Boundary::Commit {
+                    top: c,
+                    base: f.clone(),
+                }
+            }
+            _ => choose(record, name, f, &|p| facts.host.allocated(p)),
+        };
+        let job = match facts.live {
+            Some(g) => live_job(record, g, disk, name, &merge, bandwidth)?,
+            None => None,
+        };
+        disks.push(DiskDelete {
+            disk: disk.clone(),
+            frozen: f.clone(),
+            merge,
+            job,
+        });
+    }
+    let delete = Delete {
+        snapshot: name.to_owned(),
+        disks,
+        keep_files: false,
+        memory: None,
+    };
+    Ok(Plan {
+        steps: steps(record, &delete),
+        operation: Operation::Delete(delete),
+    })
+}
+
 /// The QEMU job for a merge whose two layers sit next to each other in the
 /// disk's live chain; `None` when they are not open there (another branch),
 /// in which case the merge runs offline.

@@ -22,6 +22,7 @@
 //! failure means for their operation (what to undo, what the record keeps);
 //! [`recover`] finishes or undoes an operation a crash interrupted.
 
+pub mod backup;
 mod clone;
 mod create;
 mod delete;
@@ -295,9 +296,10 @@ impl Session {
     /// unresolved (`snapctl check --repair` says why).
     pub async fn settle(&mut self) -> Result<Vec<String>> {
         if self.record.journal.is_empty() {
-            return Ok(Vec::new());
+            return self.settle_backup().await;
         }
-        let lines = recover::recover(self.client.as_ref(), &self.lock, &mut self.record).await?;
+        let mut lines =
+            recover::recover(self.client.as_ref(), &self.lock, &mut self.record).await?;
         self.live = None;
         self.running = None;
         if let Some(entry) = self.record.journal.first() {
@@ -307,14 +309,27 @@ impl Session {
                 entry.pid
             )));
         }
+        lines.extend(self.settle_backup().await?);
         Ok(lines)
+    }
+
+    /// A backup left in progress is rolled back (QEMU must run to merge back).
+    async fn settle_backup(&mut self) -> Result<Vec<String>> {
+        if self.record.backup.is_none() || self.client.is_none() {
+            return Ok(Vec::new());
+        }
+        self.roll_back_backup().await
     }
 
     /// Like [`Session::settle`], but reports instead of failing (`check --repair`).
     pub async fn repair_journal(&mut self) -> Result<Vec<String>> {
-        let lines = recover::recover(self.client.as_ref(), &self.lock, &mut self.record).await?;
+        let mut lines =
+            recover::recover(self.client.as_ref(), &self.lock, &mut self.record).await?;
         self.live = None;
         self.running = None;
+        if self.record.journal.is_empty() {
+            lines.extend(self.settle_backup().await?);
+        }
         Ok(lines)
     }
 

@@ -11,6 +11,7 @@
 //! | module | covers |
 //! |---|---|
 //! | [`adopt`] | a chain changed outside snapctl: `check` remedies, `check --repair --adopt` |
+//! | [`backup`] | `backup`: copies of every disk as of a temporary snapshot merged back; interrupted ones rolled back |
 //! | [`bookkeeping`] | `current`, `describe`, `rename`, `create --reuse-external` |
 //! | [`checkpoints`] | `create --memory`: memory and disks reverted in the same QEMU, offline and after a crash |
 //! | [`cli`] | `init`, `create`, `list`, `show`, `chain`, `check`, `qemu-args`; refusals that change nothing |
@@ -32,6 +33,7 @@
 //! | [`usability`] | what people see: chain labels, `list`, usage and help, no-op `init`/`pull`, read-only commands, overlay names, unknown disks |
 
 mod adopt;
+mod backup;
 mod bookkeeping;
 mod checkpoints;
 mod cli;
