@@ -196,7 +196,7 @@ pub fn drifts_during(
             let Some(layer) = record.layers.get(path) else {
                 continue;
             };
-            match images::info(path) {
+            match images::header(path) {
                 Err(_) if !path.exists() => out.push(Drift {
                     kind: "missing-file",
                     disk: Some(id.clone()),

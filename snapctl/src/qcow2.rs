@@ -466,3 +466,254 @@ mod header_tests {
         }
     }
 }
+
+/// What an image's first bytes say, read natively (the few header fields
+/// `check` compares), or that `qemu-img` must be asked ([`Probe::Other`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// A qcow2 image (version 2 or 3) whose header snapctl reads completely.
+    Qcow2(Qcow2Header),
+    /// A regular file that no image format QEMU probes for claims: QEMU opens
+    /// it as `raw`, `virtual_size` bytes (its length rounded up to 512).
+    Raw { virtual_size: u64 },
+    /// Anything else: another format (vmdk, vdi, …), a qcow2 image with a
+    /// feature snapctl does not read, a device, something odd.
+    Other,
+}
+
+/// The header fields of a qcow2 image that describe its place in a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Header {
+    pub version: u32,
+    pub virtual_size: u64,
+    /// The backing string exactly as written.
+    pub backing: Option<String>,
+    /// The backing format header extension.
+    pub backing_format: Option<String>,
+    /// The names of the internal snapshots.
+    pub snapshots: Vec<String>,
+}
+
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// Reads what `path` is without starting a process. Errors only when the
+/// file cannot be opened or read; everything snapctl does not understand
+/// exactly as `qemu-img` would is [`Probe::Other`].
+pub fn probe(path: &Path) -> std::io::Result<Probe> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(Probe::Other);
+    }
+    // QEMU probes formats on the first 2 KiB.
+    let mut head = vec![0u8; 2048.min(meta.len() as usize)];
+    file.read_exact_at(&mut head, 0)?;
+    if !head.starts_with(QCOW2_MAGIC) {
+        if claimed_by_another_format(&head, path) {
+            return Ok(Probe::Other);
+        }
+        return Ok(Probe::Raw {
+            virtual_size: meta.len().next_multiple_of(512),
+        });
+    }
+    let Some(fields) = HeaderFields::parse(&head) else {
+        return Ok(Probe::Other);
+    };
+    // Header, extensions and backing string all live in the first cluster.
+    let cluster = 1u64 << fields.cluster_bits;
+    let ext_end = if fields.backing_offset != 0 {
+        fields.backing_offset
+    } else {
+        cluster
+    };
+    let need = ext_end
+        .max(fields.backing_offset + u64::from(fields.backing_size))
+        .min(cluster)
+        .min(meta.len());
+    let mut first = head;
+    if need > first.len() as u64 {
+        first = vec![0u8; need as usize];
+        file.read_exact_at(&mut first, 0)?;
+    }
+    let Some(mut header) = fields.read(&first) else {
+        return Ok(Probe::Other);
+    };
+    if fields.nb_snapshots > 0 {
+        match read_snapshot_names(&file, &fields, meta.len())? {
+            Some(names) => header.snapshots = names,
+            None => return Ok(Probe::Other),
+        }
+    }
+    Ok(Probe::Qcow2(header))
+}
+
+/// Whether QEMU's format probing would give the first bytes `head` of a
+/// file that is not qcow2 to a format other than raw. Deliberately broad:
+/// a false "yes" only costs a `qemu-img` run.
+fn claimed_by_another_format(head: &[u8], path: &Path) -> bool {
+    const MAGICS: &[&[u8]] = &[
+        b"QFI",                    // qcow (version 1) and qcow2 variants
+        b"QED\0",                  // qed
+        b"KDMV",                   // vmdk (sparse)
+        b"COWD",                   // vmdk (version 3)
+        b"conectix",               // vpc
+        b"vhdxfile",               // vhdx
+        b"LUKS\xba\xbe",           // luks
+        b"WithoutFreeSpace",       // parallels
+        b"WithouFreSpacExt",       // parallels
+        b"Bochs Virtual HD Image", // bochs
+        b"version=",               // vmdk descriptor
+        b"#",                      // vmdk descriptor comment, cloop script
+        b" ",                      // vmdk descriptor
+    ];
+    // vdi's signature, little-endian, after a 64-byte text.
+    let vdi = head.get(0x40..0x44) == Some(&0xbeda_107f_u32.to_le_bytes()[..]);
+    // dmg is probed by its file name.
+    let dmg = path.extension().is_some_and(|e| e == "dmg");
+    vdi || dmg || MAGICS.iter().any(|m| head.starts_with(m))
+}
+
+/// The fixed part of a qcow2 header.
+#[derive(Debug, Clone, Copy)]
+struct HeaderFields {
+    version: u32,
+    backing_offset: u64,
+    backing_size: u32,
+    cluster_bits: u32,
+    size: u64,
+    nb_snapshots: u32,
+    snapshots_offset: u64,
+    header_length: u64,
+}
+
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn be64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+impl HeaderFields {
+    /// The fixed header, or `None` when it uses anything beyond what snapctl
+    /// reads exactly (encryption, incompatible features, odd geometry).
+    fn parse(b: &[u8]) -> Option<HeaderFields> {
+        let version = be32(b, 4)?;
+        let (header_length, incompatible) = match version {
+            2 => (72, 0),
+            3 => (u64::from(be32(b, 100)?), be64(b, 72)?),
+            _ => return None,
+        };
+        let cluster_bits = be32(b, 20)?;
+        let crypt_method = be32(b, 32)?;
+        let f = HeaderFields {
+            version,
+            backing_offset: be64(b, 8)?,
+            backing_size: be32(b, 16)?,
+            cluster_bits,
+            size: be64(b, 24)?,
+            nb_snapshots: be32(b, 60)?,
+            snapshots_offset: be64(b, 64)?,
+            header_length,
+        };
+        let cluster = 1u64 << cluster_bits.min(63);
+        let sane = (9..=21).contains(&cluster_bits)
+            && crypt_method == 0
+            && incompatible == 0
+            && (version == 2 || (104..=cluster).contains(&header_length))
+            && f.backing_size <= 1023
+            && (f.backing_size == 0
+                || f.backing_offset.saturating_add(u64::from(f.backing_size)) <= cluster);
+        sane.then_some(f)
+    }
+
+    /// The header fields read from the image's first bytes `b` (header
+    /// extensions and backing string included).
+    fn read(&self, b: &[u8]) -> Option<Qcow2Header> {
+        const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+        let cluster = 1u64 << self.cluster_bits;
+        let ext_end = if self.backing_offset != 0 {
+            self.backing_offset
+        } else {
+            cluster
+        };
+        let ext_end = usize::try_from(ext_end.min(b.len() as u64)).ok()?;
+        let mut at = usize::try_from(self.header_length).ok()?;
+        let mut backing_format = None;
+        while at + 8 <= ext_end {
+            let (kind, len) = (be32(b, at)?, be32(b, at + 4)? as usize);
+            at += 8;
+            if kind == 0 {
+                break;
+            }
+            if at + len > ext_end {
+                return None;
+            }
+            if kind == EXT_BACKING_FORMAT {
+                let s = std::str::from_utf8(&b[at..at + len]).ok()?;
+                // QEMU keeps up to the first NUL byte.
+                backing_format = Some(s.split('\0').next().unwrap_or_default().to_owned());
+            }
+            at += len.next_multiple_of(8);
+        }
+        let backing = if self.backing_size == 0 || self.backing_offset == 0 {
+            None
+        } else {
+            let start = usize::try_from(self.backing_offset).ok()?;
+            let bytes = b.get(start..start + self.backing_size as usize)?;
+            let s = std::str::from_utf8(bytes).ok()?;
+            if s.contains('\0') {
+                return None;
+            }
+            Some(s.to_owned())
+        };
+        Some(Qcow2Header {
+            version: self.version,
+            virtual_size: self.size / 512 * 512,
+            backing,
+            backing_format: backing_format.filter(|f| !f.is_empty()),
+            snapshots: Vec::new(),
+        })
+    }
+}
+
+/// The names in the snapshot table, or `None` when it looks damaged.
+fn read_snapshot_names(
+    file: &std::fs::File,
+    f: &HeaderFields,
+    file_len: u64,
+) -> std::io::Result<Option<Vec<String>>> {
+    use std::os::unix::fs::FileExt;
+    // QEMU refuses more than 65536 snapshots and tables over 64 MiB.
+    const MAX_TABLE: u64 = 64 << 20;
+    if f.nb_snapshots > 65536 || f.snapshots_offset == 0 || f.snapshots_offset >= file_len {
+        return Ok(None);
+    }
+    let len = (file_len - f.snapshots_offset).min(MAX_TABLE);
+    let mut table = vec![0u8; len as usize];
+    file.read_exact_at(&mut table, f.snapshots_offset)?;
+    let mut names = Vec::with_capacity(f.nb_snapshots as usize);
+    let mut at = 0usize;
+    for _ in 0..f.nb_snapshots {
+        let entry = || -> Option<(String, usize)> {
+            let id_len = usize::from(u16::from_be_bytes(
+                table.get(at + 12..at + 14)?.try_into().ok()?,
+            ));
+            let name_len = usize::from(u16::from_be_bytes(
+                table.get(at + 14..at + 16)?.try_into().ok()?,
+            ));
+            let extra = be32(&table, at + 36)? as usize;
+            let id_at = at + 40 + extra;
+            let name_at = id_at + id_len;
+            let name = std::str::from_utf8(table.get(name_at..name_at + name_len)?).ok()?;
+            Some((name.to_owned(), (name_at + name_len).next_multiple_of(8)))
+        };
+        let Some((name, next)) = entry() else {
+            return Ok(None);
+        };
+        names.push(name);
+        at = next;
+    }
+    Ok(Some(names))
+}

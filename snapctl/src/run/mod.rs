@@ -446,6 +446,21 @@ impl Session {
     /// With QEMU stopped, a registered VM's snapshot is taken offline.
     pub async fn plan_create(&mut self, opts: &plan::create::CreateOptions) -> Result<Plan> {
         crate::names::validate_snapshot_name(&opts.name)?;
+        // An external snapshot looks at the disks' active images only: read
+        // just those, unless a disk is to be registered (its whole chain is
+        // recorded). The partial graph is not kept for later use.
+        let partial = !opts.internal
+            && self.is_registered()
+            && self.live.is_none()
+            && self.read_actives().await?;
+        let planned = self.plan_create_on_live(opts).await;
+        if partial {
+            self.live = None;
+        }
+        planned
+    }
+
+    async fn plan_create_on_live(&mut self, opts: &plan::create::CreateOptions) -> Result<Plan> {
         if self.client.is_some() {
             self.register().await?;
             self.run_state().await?;
@@ -458,6 +473,25 @@ impl Session {
             return plan::internal::plan_save(&record, &facts, opts);
         }
         plan::create::plan(&record, &facts, opts)
+    }
+
+    /// Sets `live` to QEMU's active images ([`graph::read_actives`]) when
+    /// that is all a snapshot needs: every disk to snapshot is in the record
+    /// already. Returns whether it did.
+    async fn read_actives(&mut self) -> Result<bool> {
+        let Some(client) = &self.client else {
+            return Ok(false);
+        };
+        let actives = graph::read_actives(client).await?;
+        let unregistered = actives
+            .disks
+            .values()
+            .any(|d| d.snapshottable() && !d.anonymous && !self.record.disks.contains_key(&d.id));
+        if unregistered {
+            return Ok(false);
+        }
+        self.live = Some(actives);
+        Ok(true)
     }
 
     /// Plans a revert to `name`; a live revert leaves the guest running or
