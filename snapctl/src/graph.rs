@@ -57,6 +57,27 @@ pub struct LiveDisk {
 }
 
 impl LiveDisk {
+    /// A disk as `query-block` shows it, with its chain (active image first);
+    /// it is read-only when its active image is.
+    fn new(
+        id: String,
+        qom_path: String,
+        backend: String,
+        removable: bool,
+        anonymous: bool,
+        chain: Vec<LiveLayer>,
+    ) -> LiveDisk {
+        LiveDisk {
+            id,
+            qom_path,
+            backend,
+            removable,
+            read_only: chain.first().is_some_and(|l| l.read_only),
+            anonymous,
+            chain,
+        }
+    }
+
     /// The active image (the one the guest writes).
     pub fn active(&self) -> Option<&LiveLayer> {
         self.chain.first()
@@ -312,19 +333,15 @@ fn assemble_actives(blocks: Vec<ActiveBlockInfo>, graph: DebugGraph) -> LiveGrap
                 backing_string: i.image.backing_filename,
             })
             .collect();
-        let read_only = chain.first().is_some_and(|l| l.read_only);
-        disks.insert(
-            id.clone(),
-            LiveDisk {
-                id,
-                qom_path: block.qdev.clone().unwrap_or_default(),
-                backend: block.device,
-                removable: block.removable,
-                read_only,
-                anonymous,
-                chain,
-            },
+        let disk = LiveDisk::new(
+            id,
+            block.qdev.clone().unwrap_or_default(),
+            block.device,
+            block.removable,
+            anonymous,
+            chain,
         );
+        disks.insert(disk.id.clone(), disk);
     }
     LiveGraph {
         disks,
@@ -441,19 +458,15 @@ fn assemble(blocks: Vec<BlockInfo>, nodes: Vec<NodeInfo>, edges: Option<Edges>) 
                 break;
             }
         }
-        let read_only = chain.first().is_some_and(|l| l.read_only);
-        disks.insert(
-            id.clone(),
-            LiveDisk {
-                id,
-                qom_path: block.qdev.clone().unwrap_or_default(),
-                backend: block.device,
-                removable: block.removable,
-                read_only,
-                anonymous,
-                chain,
-            },
+        let disk = LiveDisk::new(
+            id,
+            block.qdev.clone().unwrap_or_default(),
+            block.device,
+            block.removable,
+            anonymous,
+            chain,
         );
+        disks.insert(disk.id.clone(), disk);
     }
     LiveGraph {
         node_names,
