@@ -169,11 +169,11 @@ impl Host for HostFiles {
     }
 
     fn virtual_size(&self, path: &Path) -> Option<u64> {
-        crate::images::info(path).ok().map(|i| i.virtual_size)
+        crate::images::header(path).ok().map(|i| i.virtual_size)
     }
 
     fn image(&self, path: &Path) -> Option<plan::ImageFacts> {
-        let info = crate::images::info(path).ok()?;
+        let info = crate::images::header(path).ok()?;
         let has_data = crate::images::holds_data(path).ok()?;
         Some(plan::ImageFacts {
             format: info.format,
