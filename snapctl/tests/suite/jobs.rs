@@ -22,9 +22,9 @@ use integration::{WorkDir, command_line, image};
 use serde_json::{Value, json};
 
 use crate::util::history::{
-    assert_check_clean, assert_headers_match_chain, assert_images_read, assert_live_consistent,
-    assert_no_stray_images, chain, directory_digests, flush, frozen_images_of, list, parent,
-    sha256, sorted_snapshot_names,
+    assert_check_clean, assert_headers_match_chain, assert_images_read, assert_intact_then_quit,
+    assert_live_consistent, assert_no_stray_images, chain, directory_digests, flush,
+    frozen_images_of, list, parent, sha256, sorted_snapshot_names,
 };
 use crate::util::{Background, Bulk, History, K64, LiveReads, M1, Pattern, Tmpfs, Vm};
 
@@ -347,16 +347,7 @@ fn pull_with_base_live() {
     assert_eq!(frozen_images_of(&vm, "vda"), frozen, "frozen images moved");
     let now: BTreeMap<&PathBuf, String> = frozen.values().map(|p| (p, sha256(p))).collect();
     assert_eq!(now, digests, "pull wrote a frozen image");
-    assert_live_consistent(&mut vm, "pull --base s1");
-    assert_no_stray_images(&vm, "pull --base s1");
-    let mut reads = LiveReads::default();
-    reads.expect(&mut vm, "after the pull", &history);
-
-    vm.quit();
-    reads.assert_ok(&vm);
-    assert_images_read(&vm, &history);
-    assert_headers_match_chain(&vm);
-    assert_check_clean(&vm, false, "after quit");
+    assert_intact_then_quit(&mut vm, "pull --base s1", "after the pull", &history);
 }
 
 /// After `pull vda --base s1` the layers between the active image and s1's
@@ -486,16 +477,12 @@ fn cancel_mid_pull() {
     assert_eq!(vm.snapctl.record(), record, "the record changed: {line}");
     assert_eq!(chain(&vm, "vda"), before);
     assert_eq!(frozen_images_of(&vm, "vda"), frozen);
-    assert_live_consistent(&mut vm, "an interrupted pull");
-    assert_no_stray_images(&vm, "an interrupted pull");
-    let mut reads = LiveReads::default();
-    reads.expect(&mut vm, "after the interrupted pull", &history);
-
-    vm.quit();
-    reads.assert_ok(&vm);
-    assert_images_read(&vm, &history);
-    assert_headers_match_chain(&vm);
-    assert_check_clean(&vm, false, "after quit");
+    assert_intact_then_quit(
+        &mut vm,
+        "an interrupted pull",
+        "after the interrupted pull",
+        &history,
+    );
 }
 
 /// An active commit interrupted mid-way has written part of the active
@@ -537,16 +524,12 @@ fn cancel_mid_active_commit() {
         "s1",
         "s2 was current; its parent takes over"
     );
-    assert_live_consistent(&mut vm, "an interrupted active commit");
-    assert_no_stray_images(&vm, "an interrupted active commit");
-    let mut reads = LiveReads::default();
-    reads.expect(&mut vm, "after the interrupted commit", &history);
-
-    vm.quit();
-    reads.assert_ok(&vm);
-    assert_images_read(&vm, &history);
-    assert_headers_match_chain(&vm);
-    assert_check_clean(&vm, false, "after quit");
+    assert_intact_then_quit(
+        &mut vm,
+        "an interrupted active commit",
+        "after the interrupted commit",
+        &history,
+    );
 }
 
 /// The same interruption where the commit's base is a layer no snapshot
@@ -583,16 +566,12 @@ fn cancel_mid_active_commit_into_a_layer_no_snapshot_holds() {
         before,
         "a cancelled commit leaves the chain as it was"
     );
-    assert_live_consistent(&mut vm, "an interrupted active commit");
-    assert_no_stray_images(&vm, "an interrupted active commit");
-    let mut reads = LiveReads::default();
-    reads.expect(&mut vm, "after the interrupted commit", &history);
-
-    vm.quit();
-    reads.assert_ok(&vm);
-    assert_images_read(&vm, &history);
-    assert_headers_match_chain(&vm);
-    assert_check_clean(&vm, false, "after quit");
+    assert_intact_then_quit(
+        &mut vm,
+        "an interrupted active commit",
+        "after the interrupted commit",
+        &history,
+    );
 }
 
 #[test]

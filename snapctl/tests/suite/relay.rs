@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 
 use crate::jobs::{GIVE_UP, PATTERN, bulk_history, start_slow_job};
 use crate::util::history::{
-    assert_check_clean, assert_headers_match_chain, assert_images_read, assert_live_consistent,
-    assert_no_stray_images, chain, frozen_images_of, list, sorted_snapshot_names,
+    assert_images_read, assert_intact_then_quit, assert_live_consistent, assert_no_stray_images,
+    chain, frozen_images_of, list, sorted_snapshot_names,
 };
 use crate::util::{Background, History, K64, LiveReads, Monitor, Vm, mode_of};
 
@@ -205,16 +205,12 @@ fn another_shell_watches_and_cancels_a_running_commit() {
         "a cancelled commit keeps the chain"
     );
     assert_eq!(list(&vm)["current"], "s3");
-    assert_live_consistent(&mut vm, "a commit cancelled from another shell");
-    assert_no_stray_images(&vm, "a commit cancelled from another shell");
-    let mut reads = LiveReads::default();
-    reads.expect(&mut vm, "after the cancelled commit", &history);
-
-    vm.quit();
-    reads.assert_ok(&vm);
-    assert_images_read(&vm, &history);
-    assert_headers_match_chain(&vm);
-    assert_check_clean(&vm, false, "after quit");
+    assert_intact_then_quit(
+        &mut vm,
+        "a commit cancelled from another shell",
+        "after the cancelled commit",
+        &history,
+    );
 }
 
 /// Ctrl-C in the holder still cancels its job cleanly while a relay client

@@ -515,3 +515,20 @@ fn read_verdicts_skip_writes_and_pin_mismatches_on_their_read() {
                read 33554432/33554432 bytes at offset 16777216\n";
     assert_eq!(read_verdicts(out), [false, true, false]);
 }
+
+/// After an interrupted or refused operation: QEMU and the record agree, no
+/// image is left over, the device reads what `history` says (`when`); then
+/// QEMU quits, and every image and header agrees with the history and the
+/// record (`check` clean).
+pub fn assert_intact_then_quit(vm: &mut Vm, after_what: &str, when: &str, history: &History) {
+    assert_live_consistent(vm, after_what);
+    assert_no_stray_images(vm, after_what);
+    let mut reads = LiveReads::default();
+    reads.expect(vm, when, history);
+
+    vm.quit();
+    reads.assert_ok(vm);
+    assert_images_read(vm, history);
+    assert_headers_match_chain(vm);
+    assert_check_clean(vm, false, "after quit");
+}
