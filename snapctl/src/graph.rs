@@ -35,6 +35,36 @@ pub struct LiveLayer {
     pub backing_string: Option<String>,
     /// The protocol node under it (its `file` child), when QEMU says which.
     pub file_node: Option<String>,
+    /// Its persistent dirty bitmaps (incremental backup tools' change
+    /// tracking): carried to each overlay a snapshot puts on it.
+    pub bitmaps: Vec<Bitmap>,
+}
+
+/// A persistent dirty bitmap on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct Bitmap {
+    pub name: String,
+    pub granularity: u64,
+}
+
+/// A dirty bitmap as QEMU reports it (`dirty-bitmaps` of a node).
+#[derive(Debug, Deserialize)]
+struct BitmapInfo {
+    name: String,
+    granularity: u64,
+    #[serde(default)]
+    persistent: bool,
+}
+
+fn persistent(bitmaps: Vec<BitmapInfo>) -> Vec<Bitmap> {
+    bitmaps
+        .into_iter()
+        .filter(|b| b.persistent)
+        .map(|b| Bitmap {
+            name: b.name,
+            granularity: b.granularity,
+        })
+        .collect()
 }
 
 /// A guest disk and its chain.
@@ -140,6 +170,8 @@ struct NodeInfo {
     #[serde(default)]
     backing_file: Option<String>,
     image: ImageSummary,
+    #[serde(rename = "dirty-bitmaps", default)]
+    dirty_bitmaps: Vec<BitmapInfo>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,6 +219,8 @@ struct ActiveInserted {
     file: String,
     ro: bool,
     image: ImageSummary,
+    #[serde(rename = "dirty-bitmaps", default)]
+    dirty_bitmaps: Vec<BitmapInfo>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -325,6 +359,7 @@ fn assemble_actives(blocks: Vec<ActiveBlockInfo>, graph: DebugGraph) -> LiveGrap
                 file_node: edges
                     .get(&(i.node_name.clone(), "file".to_owned()))
                     .cloned(),
+                bitmaps: persistent(i.dirty_bitmaps),
                 node: i.node_name,
                 filename: PathBuf::from(i.file),
                 format: i.drv,
@@ -407,6 +442,7 @@ fn assemble(blocks: Vec<BlockInfo>, nodes: Vec<NodeInfo>, edges: Option<Edges>) 
                 file_node: edges
                     .as_ref()
                     .and_then(|e| e.get(&(n.node_name.clone(), "file".to_owned())).cloned()),
+                bitmaps: persistent(n.dirty_bitmaps),
             };
             (n.node_name, (layer, n.backing_file))
         })
@@ -851,6 +887,7 @@ mod tests {
                 virtual_size: 1 << 20,
                 backing_filename: backing.map(Into::into),
             },
+            dirty_bitmaps: Vec::new(),
         }
     }
 

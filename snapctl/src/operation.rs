@@ -110,6 +110,10 @@ pub struct DiskSnapshot {
     /// not one snapctl writes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reused: bool,
+    /// The frozen image's persistent dirty bitmaps: each is created on the
+    /// overlay, with the frozen image's bits, in the same transaction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bitmaps: Vec<crate::graph::Bitmap>,
 }
 
 /// `create`: an external snapshot of several disks at once.
@@ -173,6 +177,14 @@ pub struct DiskRevert {
     /// Live only: the nodes of the device's current chain that the new chain
     /// does not use, top first, to release once the device has left them.
     pub old_nodes: Vec<String>,
+    /// Live only: the current active node's persistent dirty bitmaps, created
+    /// on the new overlay with their bits (what the revert changes was written
+    /// since the bitmaps began, or is in them already).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bitmaps: Vec<crate::graph::Bitmap>,
+    /// Live only: the node those bitmaps are read from.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bitmaps_from: String,
 }
 
 /// `revert`: a fresh overlay on a snapshot's frozen images.

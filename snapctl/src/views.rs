@@ -105,6 +105,9 @@ pub struct ChainEntry {
     /// Internal snapshots kept inside this image.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub internal: Vec<String>,
+    /// Its persistent dirty bitmaps (from QEMU; not read from headers).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bitmaps: Vec<String>,
     /// Whether snapctl created the image (false: found, never written).
     pub owned: bool,
     /// What the image is, for people: `active (changes since s2)`, `frozen by
@@ -128,22 +131,26 @@ pub fn chains(record: &Record, live: Option<&LiveGraph>, only: Option<&str>) -> 
         if only.is_some_and(|o| o != id) {
             continue;
         }
-        let files: Vec<(PathBuf, String)> = match live.and_then(|g| g.disks.get(id)) {
+        let files: Vec<(PathBuf, String, Vec<String>)> = match live.and_then(|g| g.disks.get(id)) {
             Some(d) => d
                 .chain
                 .iter()
-                .map(|l| (l.filename.clone(), l.format.clone()))
+                .map(|l| {
+                    let bitmaps = l.bitmaps.iter().map(|b| b.name.clone()).collect();
+                    (l.filename.clone(), l.format.clone(), bitmaps)
+                })
                 .collect(),
             None if live.is_some() => Vec::new(),
             None => images::backing_chain(&disk.active)?
                 .into_iter()
-                .map(|i| (i.filename, i.format))
+                .map(|i| (i.filename, i.format, Vec::new()))
                 .collect(),
         };
         let mut entries: Vec<ChainEntry> = files
             .into_iter()
             .enumerate()
-            .map(|(i, (image, format))| ChainEntry {
+            .map(|(i, (image, format, bitmaps))| ChainEntry {
+                bitmaps,
                 snapshots: record
                     .snapshots
                     .iter()
@@ -213,6 +220,9 @@ pub fn label(chain: &[ChainEntry], i: usize) -> String {
     }
     if !entry.owned {
         parts.push("foreign".to_owned());
+    }
+    if !entry.bitmaps.is_empty() {
+        parts.push(format!("bitmaps {}", entry.bitmaps.join(", ")));
     }
     parts.join("; ")
 }
@@ -317,6 +327,7 @@ mod tests {
     fn entry(active: bool, snapshots: &[&str], owned: bool) -> ChainEntry {
         ChainEntry {
             internal: Vec::new(),
+            bitmaps: Vec::new(),
             image: PathBuf::from("/img/x.qcow2"),
             format: "qcow2".into(),
             active,

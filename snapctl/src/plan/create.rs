@@ -55,9 +55,11 @@ impl CreateOptions {
     }
 }
 
-/// The `transaction` that switches every disk at once.
+/// The `transaction` that switches every disk at once, and gives each new
+/// overlay the frozen image's persistent dirty bitmaps with their bits, so a
+/// backup tool's bitmap on the active image still covers every write.
 pub fn transaction(create: &Create) -> Value {
-    let actions: Vec<Value> = create
+    let mut actions: Vec<Value> = create
         .disks
         .iter()
         .map(|d| {
@@ -67,6 +69,20 @@ pub fn transaction(create: &Create) -> Value {
             })
         })
         .collect();
+    for d in &create.disks {
+        for b in &d.bitmaps {
+            actions.push(json!({
+                "type": "block-dirty-bitmap-add",
+                "data": { "node": d.overlay_node, "name": b.name,
+                          "granularity": b.granularity, "persistent": true },
+            }));
+            actions.push(json!({
+                "type": "block-dirty-bitmap-merge",
+                "data": { "node": d.overlay_node, "target": b.name,
+                          "bitmaps": [{ "node": d.frozen_node, "name": b.name }] },
+            }));
+        }
+    }
     json!({ "actions": actions })
 }
 
@@ -237,6 +253,7 @@ pub fn plan(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Result<
             file_node: nodes.fresh("sf", &disk.id, &opts.name),
             virtual_size: active.virtual_size,
             reused,
+            bitmaps: active.bitmaps.clone(),
         });
     }
     let memory = if opts.memory {
@@ -355,6 +372,7 @@ fn plan_offline(record: &Record, facts: &Facts<'_>, opts: &CreateOptions) -> Res
             file_node: String::new(),
             virtual_size,
             reused,
+            bitmaps: Vec::new(),
         });
     }
     if disks.is_empty() {

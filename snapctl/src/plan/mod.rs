@@ -325,6 +325,26 @@ pub fn memory_job_steps(command: &str, memory: &MemoryState) -> Vec<Step> {
     ]
 }
 
+/// Creates `bitmaps` on node `to` with the bits they have on node `from`
+/// (persistent dirty bitmaps follow the disk's active image).
+pub fn carry_bitmaps(bitmaps: &[crate::graph::Bitmap], from: &str, to: &str) -> Vec<Step> {
+    bitmaps
+        .iter()
+        .flat_map(|b| {
+            [
+                Step::qmp(
+                    "block-dirty-bitmap-add",
+                    json!({ "node": to, "name": b.name, "granularity": b.granularity, "persistent": true }),
+                ),
+                Step::qmp(
+                    "block-dirty-bitmap-merge",
+                    json!({ "node": to, "target": b.name, "bitmaps": [{ "node": from, "name": b.name }] }),
+                ),
+            ]
+        })
+        .collect()
+}
+
 /// Switches disk `disk`'s device to node `node` (QEMU-NOTES §3.3b step 7).
 pub fn qom_set_drive(disk: &str, node: &str) -> Step {
     Step::qmp(

@@ -16,8 +16,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{
-    Facts, NodeNames, Plan, Step, image_size, layer_blockdev, memory_blockdev, memory_job_steps,
-    overlay_blockdev, qom_set_drive, removals,
+    Facts, NodeNames, Plan, Step, carry_bitmaps, image_size, layer_blockdev, memory_blockdev,
+    memory_job_steps, overlay_blockdev, qom_set_drive, removals,
 };
 use crate::error::{Error, Result};
 use crate::names;
@@ -58,6 +58,7 @@ pub fn steps(record: &Record, revert: &Revert) -> Vec<Step> {
                     d.backing_node.as_deref(),
                 ),
             ));
+            steps.extend(carry_bitmaps(&d.bitmaps, &d.bitmaps_from, &d.overlay_node));
         }
         steps.extend(
             revert
@@ -196,6 +197,7 @@ pub fn plan(record: &Record, facts: &Facts<'_>, name: &str, after: RunAfter) -> 
         let file_node = nodes.fresh("sf", disk, name);
 
         let (mut backing_node, mut open, mut old_nodes) = (None, Vec::new(), Vec::new());
+        let (mut bitmaps, mut bitmaps_from) = (Vec::new(), String::new());
         if let Some(graph) = facts.live {
             let device = graph.disks.get(disk).ok_or_else(|| {
                 Error::Drift(format!(
@@ -241,6 +243,10 @@ pub fn plan(record: &Record, facts: &Facts<'_>, name: &str, after: RunAfter) -> 
                 .filter(|n| names::may_be_monitor_owned(n))
                 .cloned()
                 .collect();
+            if let Some(active) = device.active().filter(|a| !a.bitmaps.is_empty()) {
+                bitmaps = active.bitmaps.clone();
+                bitmaps_from = active.node.clone();
+            }
         }
         disks.push(DiskRevert {
             disk: disk.clone(),
@@ -253,6 +259,8 @@ pub fn plan(record: &Record, facts: &Facts<'_>, name: &str, after: RunAfter) -> 
             backing_node,
             open,
             old_nodes,
+            bitmaps,
+            bitmaps_from,
         });
     }
     let revert = Revert {

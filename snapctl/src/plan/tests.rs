@@ -182,6 +182,7 @@ fn live_layer(path: &str, format: &str, size: u64) -> LiveLayer {
         read_only: false,
         backing_string: None,
         file_node: Some(file_node(path)),
+        bitmaps: Vec::new(),
     }
 }
 
@@ -484,6 +485,7 @@ fn disk_snapshot(disk: &str, frozen: &str, format: &str, name: &str) -> DiskSnap
         file_node: node_name("sf", disk, name, 0),
         virtual_size: GIB,
         reused: false,
+        bitmaps: Vec::new(),
     }
 }
 
@@ -1072,6 +1074,7 @@ fn create_parent_is_the_current_snapshot_and_none_on_a_fresh_record() {
             file_node: node_name("sf", "vda", "first", 0),
             virtual_size: GIB,
             reused: false,
+            bitmaps: Vec::new(),
         }]
     );
 }
@@ -1203,6 +1206,8 @@ fn revert_live_to_an_image_qemu_has_open_links_the_overlay_to_its_node() {
             live: true,
             paused: false,
             disks: vec![DiskRevert {
+                bitmaps: Vec::new(),
+                bitmaps_from: String::new(),
                 disk: "vda".into(),
                 frozen: p("/img/vda.s2.qcow2"),
                 frozen_format: "qcow2".into(),
@@ -1397,6 +1402,8 @@ fn revert_offline_writes_the_overlay_and_records_it() {
             live: false,
             paused: false,
             disks: vec![DiskRevert {
+                bitmaps: Vec::new(),
+                bitmaps_from: String::new(),
                 disk: "vda".into(),
                 frozen: p("/img/vda.s1.qcow2"),
                 frozen_format: "qcow2".into(),

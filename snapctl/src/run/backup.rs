@@ -106,6 +106,7 @@ impl Session {
                         read_only: false,
                         backing_string: Some(d.frozen.display().to_string()),
                         file_node: Some(d.file_node.clone()),
+                        bitmaps: d.bitmaps.clone(),
                     },
                 );
             }

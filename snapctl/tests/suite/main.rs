@@ -12,6 +12,7 @@
 //! |---|---|
 //! | [`adopt`] | a chain changed outside snapctl: `check` remedies, `check --repair --adopt` |
 //! | [`backup`] | `backup`: copies of every disk as of a temporary snapshot merged back; interrupted ones rolled back |
+//! | [`bitmaps`] | persistent dirty bitmaps follow the active image through create, delete and revert |
 //! | [`bookkeeping`] | `current`, `describe`, `rename`, `create --reuse-external` |
 //! | [`checkpoints`] | `create --memory`: memory and disks reverted in the same QEMU, offline and after a crash |
 //! | [`cli`] | `init`, `create`, `list`, `show`, `chain`, `check`, `qemu-args`; refusals that change nothing |
@@ -34,6 +35,7 @@
 
 mod adopt;
 mod backup;
+mod bitmaps;
 mod bookkeeping;
 mod checkpoints;
 mod cli;
