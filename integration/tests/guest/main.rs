@@ -15,6 +15,7 @@
 //! `qemu-guest` group in `.config/nextest.toml`); under plain `cargo test` a
 //! lock in [`vm`] does the same.
 
+mod backup;
 mod restore_points;
 mod snapshots;
 mod surgery;
@@ -63,4 +64,9 @@ fn guest_internal_snapshot_revert_resumes_without_reboot() {
 #[test]
 fn guest_checkpoint_delete_after_revert_removes_memory_file() {
     restore_points::checkpoint_delete_after_revert_removes_memory_file();
+}
+
+#[test]
+fn guest_backup_while_writing_leaves_the_chain_as_it_was() {
+    backup::backup_while_writing_leaves_the_chain_as_it_was();
 }

@@ -111,8 +111,13 @@ impl GuestVm {
         }
     }
 
+    /// The test's work directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     /// The guest agent's socket as a snapctl argument.
-    fn qga(&self) -> String {
+    pub fn qga(&self) -> String {
         path_arg(self.guest.qga_socket())
     }
 

@@ -66,9 +66,16 @@ fn a_bitmap_covers_exactly_the_written_clusters_through_create_delete_and_revert
 
     // chain shows it on the active image.
     let chain = vm.snapctl.args(["chain", "vda"]).json();
-    assert_eq!(chain["disks"]["vda"][0]["bitmaps"], json!(["b0"]), "{chain}");
+    assert_eq!(
+        chain["disks"]["vda"][0]["bitmaps"],
+        json!(["b0"]),
+        "{chain}"
+    );
     let text = vm.snapctl.args(["chain", "vda"]).stdout();
-    assert!(text.lines().nth(1).unwrap().contains("bitmaps b0"), "{text}");
+    assert!(
+        text.lines().nth(1).unwrap().contains("bitmaps b0"),
+        "{text}"
+    );
 
     // vdb had no bitmap: none appears.
     assert_eq!(dirty_bytes(&mut vm, "vdb", "b0"), None);
