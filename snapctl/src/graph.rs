@@ -1,17 +1,15 @@
 //! QEMU's live block graph, reduced to what snapshots need: per guest disk,
 //! the chain of image layers from the active image down to the base.
 //!
-//! Sources: `query-block` says which device has which root node;
-//! `query-named-block-nodes {flat: true}` describes every node (file name,
-//! format, size, read-only, header backing string); `x-debug-query-block-graph`
-//! gives the exact `backing` edges. That last command is marked unstable, so
-//! when it is missing the chain is followed by file name instead, which is
-//! exact unless the same image is opened twice.
+//! Sources: `query-block` describes each device's chain layer by layer and
+//! `x-debug-query-block-graph` names every node and edge ([`read`]); when
+//! that is not enough, `query-named-block-nodes` describes every node
+//! ([`read_full`]).
 //!
 //! Disks opened with `-blockdev` per layer and with legacy `-drive` (automatic
 //! `#blockNNN` node names) read the same way.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use qmp_client::Client;
@@ -197,10 +195,11 @@ struct DebugNode {
     name: String,
 }
 
-/// A `query-block` entry with its root node's own description (what
-/// [`read_actives`] needs; `read` takes it from `query-named-block-nodes`).
+/// A `query-block` entry with its root node's own description and, under
+/// `image`, the whole chain below it (what [`read`] pairs with the debug
+/// graph's node names).
 #[derive(Debug, Deserialize)]
-struct ActiveBlockInfo {
+struct ChainBlockInfo {
     #[serde(default)]
     device: String,
     #[serde(default)]
@@ -208,19 +207,46 @@ struct ActiveBlockInfo {
     #[serde(default)]
     removable: bool,
     #[serde(default)]
-    inserted: Option<ActiveInserted>,
+    inserted: Option<ChainInserted>,
 }
 
 #[derive(Debug, Deserialize)]
-struct ActiveInserted {
+struct ChainInserted {
     #[serde(rename = "node-name")]
     node_name: String,
-    drv: String,
-    file: String,
     ro: bool,
-    image: ImageSummary,
+    image: ImageInfo,
     #[serde(rename = "dirty-bitmaps", default)]
     dirty_bitmaps: Vec<BitmapInfo>,
+}
+
+/// One layer of a device's chain as `query-block` describes it, the next
+/// one down (its backing or filtered child) nested.
+#[derive(Debug, Deserialize)]
+struct ImageInfo {
+    filename: String,
+    format: String,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    #[serde(rename = "backing-filename", default)]
+    backing_filename: Option<String>,
+    #[serde(rename = "backing-image", default)]
+    backing_image: Option<Box<ImageInfo>>,
+    #[serde(rename = "format-specific", default)]
+    format_specific: Option<FormatSpecific>,
+}
+
+/// The bitmaps a qcow2 header stores (all persistent).
+#[derive(Debug, Deserialize)]
+struct FormatSpecific {
+    #[serde(default)]
+    data: FormatData,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FormatData {
+    #[serde(default)]
+    bitmaps: Vec<Bitmap>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,6 +254,10 @@ struct DebugEdge {
     parent: u64,
     child: u64,
     name: String,
+    /// The permissions the parent holds on the child (`write` on a format
+    /// node's `file` child: the node is writable).
+    #[serde(default)]
+    perm: Vec<String>,
 }
 
 /// Filter drivers sit above a format node and pass I/O to their `file` child
@@ -289,8 +319,190 @@ fn qdev_id(qdev: &str) -> Option<(String, bool)> {
     Some((qdev.to_owned(), false))
 }
 
-/// Reads the live graph. Three QMP round trips, issued concurrently.
+/// Reads the live graph in two QMP calls, issued concurrently:
+/// `query-block` describes each device's chain (file, format, size, header
+/// backing string, layer by layer) and `x-debug-query-block-graph` names the
+/// nodes of that chain and all others. Both walk a chain the same way, from
+/// the device's root node through each layer's backing (or, for a filter,
+/// filtered) child, so the two are paired layer by layer.
+///
+/// This leaves out `query-named-block-nodes`, which describes every node and
+/// costs the most on a deep chain (QEMU refreshes every node's file name,
+/// and each refresh walks the chain below it). It is read too, as
+/// [`read_full`] does, when the pairing cannot be trusted or is not enough:
+/// a block job runs (its implicit filters hide from `query-block`), a node
+/// stands in no device's chain (an image left open that only the full read
+/// names), or the two walks disagree.
 pub async fn read(client: &Client) -> Result<LiveGraph> {
+    let (blocks, graph) = tokio::join!(
+        client.execute_raw("query-block", Value::Null),
+        client.execute_raw("x-debug-query-block-graph", Value::Null),
+    );
+    let graph: DebugGraph = match graph {
+        Ok(v) => decode("x-debug-query-block-graph", v)?,
+        Err(e) if e.qmp_class() == Some("CommandNotFound") => return read_full(client).await,
+        Err(e) => return Err(e.into()),
+    };
+    let blocks: Vec<ChainBlockInfo> = decode("query-block", blocks?)?;
+    match pair_chains(blocks, graph) {
+        Some(live) => Ok(live),
+        None => read_full(client).await,
+    }
+}
+
+/// The debug graph indexed for walking: each node's edges to its children.
+struct DebugIndex<'a> {
+    children: HashMap<&'a str, Vec<&'a DebugEdge>>,
+    names: HashMap<u64, &'a str>,
+}
+
+impl<'a> DebugIndex<'a> {
+    fn new(graph: &'a DebugGraph) -> DebugIndex<'a> {
+        let names: HashMap<u64, &str> = graph
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.name.as_str()))
+            .collect();
+        let mut children: HashMap<&str, Vec<&DebugEdge>> = HashMap::new();
+        for e in &graph.edges {
+            if let Some(parent) = names.get(&e.parent) {
+                children.entry(parent).or_default().push(e);
+            }
+        }
+        DebugIndex { children, names }
+    }
+
+    /// `node`'s child by the edge named `edge`, with the permissions held on it.
+    fn child(&self, node: &str, edge: &str) -> Option<(&'a str, &'a [String])> {
+        let e = self.children.get(node)?.iter().find(|e| e.name == edge)?;
+        Some((self.names.get(&e.child)?, &e.perm))
+    }
+
+    /// The nodes `node` has as children, by any edge.
+    fn edges_from(&self, node: &str) -> impl Iterator<Item = &'a str> + '_ {
+        self.children
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| self.names.get(&e.child).copied())
+    }
+}
+
+/// Pairs each device's `query-block` chain with the debug graph's nodes;
+/// `None` when that cannot be trusted (see [`read`]).
+fn pair_chains(blocks: Vec<ChainBlockInfo>, graph: DebugGraph) -> Option<LiveGraph> {
+    if graph.nodes.iter().any(|n| n.kind == "block-job") {
+        return None;
+    }
+    let index = DebugIndex::new(&graph);
+    let mut disks = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
+    let mut roots = Vec::new();
+    for block in blocks {
+        let mut chain = Vec::new();
+        if let Some(inserted) = block.inserted {
+            roots.push(inserted.node_name.clone());
+            let mut node = inserted.node_name;
+            let mut image = Some(Box::new(inserted.image));
+            let mut active_bitmaps = Some(inserted.dirty_bitmaps);
+            let root_ro = inserted.ro;
+            while let Some(info) = image {
+                let info = *info;
+                let filter = is_filter(&info.format);
+                let below = if filter {
+                    index
+                        .child(&node, "file")
+                        .or_else(|| index.child(&node, "backing"))
+                } else {
+                    index.child(&node, "backing")
+                };
+                let below = below.map(|(child, _)| child.to_owned());
+                if info.backing_image.is_some() != below.is_some() {
+                    return None;
+                }
+                if !filter && !is_protocol(&info.format) {
+                    let file = index.child(&node, "file");
+                    let read_only = match chain.is_empty() {
+                        true => root_ro,
+                        false => !file.is_some_and(|(_, perm)| perm.iter().any(|p| p == "write")),
+                    };
+                    let bitmaps = match active_bitmaps.take().filter(|_| chain.is_empty()) {
+                        Some(live) => persistent(live),
+                        None => info
+                            .format_specific
+                            .map(|f| f.data.bitmaps)
+                            .unwrap_or_default(),
+                    };
+                    let layer = LiveLayer {
+                        node: node.clone(),
+                        filename: PathBuf::from(info.filename),
+                        format: info.format,
+                        virtual_size: info.virtual_size,
+                        read_only,
+                        backing_string: info.backing_filename,
+                        file_node: file.map(|(child, _)| child.to_owned()),
+                        bitmaps,
+                    };
+                    nodes.insert(layer.node.clone(), layer.clone());
+                    chain.push(layer);
+                }
+                active_bitmaps = None;
+                image = info.backing_image;
+                match below {
+                    Some(next) => node = next,
+                    None => break,
+                }
+            }
+        }
+        let Some((id, anonymous)) = block.qdev.as_deref().and_then(qdev_id) else {
+            continue;
+        };
+        let disk = LiveDisk::new(
+            id,
+            block.qdev.clone().unwrap_or_default(),
+            block.device,
+            block.removable,
+            anonymous,
+            chain,
+        );
+        disks.insert(disk.id.clone(), disk);
+    }
+    // Every node must be below a device's root: only the full read says
+    // what file any other node (one left open, an export's) has open.
+    let mut reached: HashSet<&str> = HashSet::new();
+    let mut todo: Vec<&str> = roots.iter().map(String::as_str).collect();
+    while let Some(node) = todo.pop() {
+        if reached.insert(node) {
+            todo.extend(index.edges_from(node));
+        }
+    }
+    let stray = graph
+        .nodes
+        .iter()
+        .any(|n| n.kind == "block-driver" && !reached.contains(n.name.as_str()));
+    if stray {
+        return None;
+    }
+    Some(LiveGraph {
+        disks,
+        nodes,
+        node_names: graph
+            .nodes
+            .iter()
+            .filter(|n| n.kind == "block-driver")
+            .map(|n| n.name.clone())
+            .collect(),
+    })
+}
+
+/// Reads the live graph from every node's own description: `query-block`
+/// says which device has which root node, `query-named-block-nodes {flat:
+/// true}` describes every node (file name, format, size, read-only, header
+/// backing string) and `x-debug-query-block-graph` gives the exact `backing`
+/// edges. That last command is marked unstable; without it the chain is
+/// followed by file name, which is exact unless the same image is opened
+/// twice. Three QMP calls, issued concurrently; the costliest read there is.
+async fn read_full(client: &Client) -> Result<LiveGraph> {
     let (blocks, nodes, edges) = tokio::join!(
         client.execute_raw("query-block", Value::Null),
         client.execute_raw("query-named-block-nodes", json!({ "flat": true })),
@@ -306,83 +518,96 @@ pub async fn read(client: &Client) -> Result<LiveGraph> {
     Ok(assemble(blocks, nodes, backing_edges))
 }
 
-/// The live graph as far as taking a snapshot needs it, read without
-/// `query-named-block-nodes {flat}` (which describes every node and is the
-/// slowest of the three reads on a deep chain): `query-block` gives each
-/// device and its active image (node, file, format, size, read-only), and
-/// `x-debug-query-block-graph` the names of all nodes (which a new node must
-/// not take) and the active images' `file` children. Each disk's `chain` then
-/// holds its active image alone and `nodes` is empty: for callers that look
-/// at nothing below the active images. Falls back to [`read`] when a
-/// device's root is a filter (its active image is below it) or the debug
-/// graph is missing.
-pub async fn read_actives(client: &Client) -> Result<LiveGraph> {
-    let (blocks, graph) = tokio::join!(
-        client.execute_raw("query-block", Value::Null),
-        client.execute_raw("x-debug-query-block-graph", Value::Null),
-    );
-    let graph: DebugGraph = match graph {
-        Ok(v) => decode("x-debug-query-block-graph", v)?,
-        Err(e) if e.qmp_class() == Some("CommandNotFound") => return read(client).await,
-        Err(e) => return Err(e.into()),
-    };
-    let blocks: Vec<ActiveBlockInfo> = decode("query-block", blocks?)?;
-    if blocks
-        .iter()
-        .filter_map(|b| b.inserted.as_ref())
-        .any(|i| is_filter(&i.drv))
-    {
-        return read(client).await;
-    }
-    Ok(assemble_actives(blocks, graph))
+/// The nodes whose files snapctl knows without asking QEMU: those of the
+/// graph an operation was planned on and those it adds itself. After the
+/// operation, [`open_files`] names QEMU's open files from the node names
+/// alone while every node is one of these.
+#[derive(Debug, Default)]
+pub struct KnownNodes {
+    /// Format nodes and their image files.
+    images: HashMap<String, PathBuf>,
+    /// Protocol nodes under them.
+    protocols: HashSet<String>,
 }
 
-fn assemble_actives(blocks: Vec<ActiveBlockInfo>, graph: DebugGraph) -> LiveGraph {
-    let node_names = graph
-        .nodes
-        .iter()
-        .filter(|n| n.kind == "block-driver")
-        .map(|n| n.name.clone())
-        .collect();
-    let edges = child_edges(graph);
-    let mut disks = BTreeMap::new();
-    for block in blocks {
-        let Some((id, anonymous)) = block.qdev.as_deref().and_then(qdev_id) else {
-            continue;
+impl KnownNodes {
+    /// The layers of `live` (a graph read by [`read`] or [`read_full`]).
+    pub fn of(live: &LiveGraph) -> KnownNodes {
+        let layers = live
+            .disks
+            .values()
+            .flat_map(|d| &d.chain)
+            .chain(live.nodes.values());
+        let mut known = KnownNodes::default();
+        for l in layers {
+            known.images.insert(l.node.clone(), l.filename.clone());
+            known.protocols.extend(l.file_node.clone());
+        }
+        known
+    }
+
+    /// Adds the nodes a `blockdev-add` with these arguments opens: the
+    /// format node (its `file` child's file name) and the protocol node.
+    pub fn add(&mut self, blockdev: &Value) {
+        let (Some(node), Some(file)) = (blockdev["node-name"].as_str(), blockdev.get("file"))
+        else {
+            return;
         };
-        // As in `read`: a protocol node attached directly is no layer.
-        let chain: Vec<LiveLayer> = block
-            .inserted
-            .into_iter()
-            .filter(|i| !is_protocol(&i.drv))
-            .map(|i| LiveLayer {
-                file_node: edges
-                    .get(&(i.node_name.clone(), "file".to_owned()))
-                    .cloned(),
-                bitmaps: persistent(i.dirty_bitmaps),
-                node: i.node_name,
-                filename: PathBuf::from(i.file),
-                format: i.drv,
-                virtual_size: i.image.virtual_size,
-                read_only: i.ro,
-                backing_string: i.image.backing_filename,
-            })
-            .collect();
-        let disk = LiveDisk::new(
-            id,
-            block.qdev.clone().unwrap_or_default(),
-            block.device,
-            block.removable,
-            anonymous,
-            chain,
-        );
-        disks.insert(disk.id.clone(), disk);
+        if let Some(filename) = file["filename"].as_str() {
+            self.images.insert(node.to_owned(), PathBuf::from(filename));
+        }
+        if let Some(protocol) = file["node-name"].as_str() {
+            self.protocols.insert(protocol.to_owned());
+        }
     }
-    LiveGraph {
-        disks,
-        nodes: BTreeMap::new(),
-        node_names,
+}
+
+/// The image files QEMU has open. From `x-debug-query-block-graph` alone
+/// (one cheap call at any depth) when every node in it is `known` or the
+/// `file` child of a known node; otherwise from a [`read`].
+pub async fn open_files(client: &Client, known: &KnownNodes) -> Result<HashSet<PathBuf>> {
+    let graph = match client
+        .execute_raw("x-debug-query-block-graph", Value::Null)
+        .await
+    {
+        Ok(v) => decode::<DebugGraph>("x-debug-query-block-graph", v)?,
+        Err(e) if e.qmp_class() == Some("CommandNotFound") => return open_files_read(client).await,
+        Err(e) => return Err(e.into()),
+    };
+    match files_of_known(&graph, known) {
+        Some(files) => Ok(files),
+        None => open_files_read(client).await,
     }
+}
+
+async fn open_files_read(client: &Client) -> Result<HashSet<PathBuf>> {
+    let live = read(client).await?;
+    Ok(KnownNodes::of(&live).images.into_values().collect())
+}
+
+/// The files of `graph`'s nodes, `None` when one of them is not known.
+fn files_of_known(graph: &DebugGraph, known: &KnownNodes) -> Option<HashSet<PathBuf>> {
+    let index = DebugIndex::new(graph);
+    let mut files = HashSet::new();
+    for node in graph.nodes.iter().filter(|n| n.kind == "block-driver") {
+        if let Some(file) = known.images.get(&node.name) {
+            files.insert(file.clone());
+            continue;
+        }
+        let protocol = known.protocols.contains(&node.name)
+            || graph.edges.iter().any(|e| {
+                e.name == "file"
+                    && index.names.get(&e.child) == Some(&node.name.as_str())
+                    && index
+                        .names
+                        .get(&e.parent)
+                        .is_some_and(|p| known.images.contains_key(*p))
+            });
+        if !protocol {
+            return None;
+        }
+    }
+    Some(files)
 }
 
 /// The live graph when QEMU runs (`client` is `Some`), `None` otherwise.
@@ -1131,77 +1356,187 @@ mod tests {
         assert_eq!(unreadable_warning(&BTreeMap::new()), None);
     }
 
-    /// The active images and node names `read_actives` assembles from
-    /// `query-block` and the debug graph are those `read` assembles.
-    #[test]
-    fn actives_agree_with_the_full_read() {
-        let active_blocks: Vec<ActiveBlockInfo> = serde_json::from_value(json!([
+    /// `query-block` for a `top` → `base` chain on vda (with a persistent
+    /// bitmap live on top and one stored in base's header), a CD drive
+    /// with no medium and a raw disk without id=.
+    fn chain_blocks() -> Vec<ChainBlockInfo> {
+        serde_json::from_value(json!([
             {"device": "", "qdev": "/machine/peripheral/vda/virtio-backend", "removable": false,
              "inserted": {"node-name": "top", "drv": "qcow2", "file": "/i/top.qcow2", "ro": false,
-                          "image": {"virtual-size": 1048576, "backing-filename": "/i/base.qcow2",
-                                    "backing-image": {"virtual-size": 1048576}}}},
+                          "dirty-bitmaps": [
+                              {"name": "b0", "granularity": 65536, "persistent": true},
+                              {"name": "t", "granularity": 65536, "persistent": false}],
+                          "image": {"filename": "/i/top.qcow2", "format": "qcow2",
+                                    "virtual-size": 1048576, "backing-filename": "/i/base.qcow2",
+                                    "backing-image": {"filename": "/i/base.qcow2", "format": "qcow2",
+                                        "virtual-size": 1048576,
+                                        "format-specific": {"type": "qcow2", "data": {
+                                            "compat": "1.1",
+                                            "bitmaps": [{"name": "old", "granularity": 65536,
+                                                         "flags": ["auto"]}]}}}}}},
             {"device": "cd0", "qdev": "cd0dev", "removable": true},
             {"device": "", "qdev": "/machine/peripheral-anon/device[0]/virtio-backend",
              "removable": false,
-             "inserted": {"node-name": "x", "drv": "file", "file": "/i/x.raw", "ro": false,
-                          "image": {"virtual-size": 1048576}}},
+             "inserted": {"node-name": "x", "drv": "raw", "file": "/i/x.raw", "ro": false,
+                          "image": {"filename": "/i/x.raw", "format": "raw",
+                                    "virtual-size": 1048576}}},
         ]))
-        .unwrap();
-        let debug: DebugGraph = serde_json::from_value(json!({
-            "nodes": [
-                {"id": 1, "type": "block-backend", "name": "vda"},
-                {"id": 2, "type": "block-driver", "name": "top"},
-                {"id": 3, "type": "block-driver", "name": "#block1"},
-                {"id": 4, "type": "block-driver", "name": "base"},
-                {"id": 5, "type": "block-driver", "name": "other"},
-            ],
-            "edges": [
-                {"parent": 1, "child": 2, "name": "root", "perm": [], "shared-perm": []},
-                {"parent": 2, "child": 3, "name": "file", "perm": [], "shared-perm": []},
-                {"parent": 2, "child": 4, "name": "backing", "perm": [], "shared-perm": []},
-            ],
-        }))
-        .unwrap();
-        let edges = child_edges(serde_json::from_value(json!({
-            "nodes": [{"id": 2, "name": "top"}, {"id": 3, "name": "#block1"}, {"id": 4, "name": "base"}],
-            "edges": [{"parent": 2, "child": 3, "name": "file"}, {"parent": 2, "child": 4, "name": "backing"}],
-        }))
-        .unwrap());
+        .unwrap()
+    }
+
+    /// The debug graph of [`chain_blocks`], with `extra` nodes and edges.
+    fn debug_graph(extra_nodes: Value, extra_edges: Value) -> DebugGraph {
+        let rw = json!(["consistent-read", "write", "resize"]);
+        let mut nodes = json!([
+            {"id": 1, "type": "block-backend", "name": "/machine/peripheral/vda/virtio-backend"},
+            {"id": 2, "type": "block-driver", "name": "top"},
+            {"id": 3, "type": "block-driver", "name": "#block1"},
+            {"id": 4, "type": "block-driver", "name": "base"},
+            {"id": 5, "type": "block-driver", "name": "#block2"},
+            {"id": 6, "type": "block-backend", "name": "/machine/peripheral-anon/device[0]/virtio-backend"},
+            {"id": 7, "type": "block-driver", "name": "x"},
+            {"id": 8, "type": "block-driver", "name": "#block3"},
+        ]);
+        let mut edges = json!([
+            {"parent": 1, "child": 2, "name": "root", "perm": rw},
+            {"parent": 2, "child": 3, "name": "file", "perm": rw},
+            {"parent": 2, "child": 4, "name": "backing", "perm": ["consistent-read"]},
+            {"parent": 4, "child": 5, "name": "file", "perm": ["consistent-read"]},
+            {"parent": 6, "child": 7, "name": "root", "perm": rw},
+            {"parent": 7, "child": 8, "name": "file", "perm": rw},
+        ]);
+        nodes
+            .as_array_mut()
+            .unwrap()
+            .extend(extra_nodes.as_array().unwrap().clone());
+        edges
+            .as_array_mut()
+            .unwrap()
+            .extend(extra_edges.as_array().unwrap().clone());
+        serde_json::from_value(json!({ "nodes": nodes, "edges": edges })).unwrap()
+    }
+
+    /// The two-call read gives each disk the chain the full read gives.
+    #[test]
+    fn paired_chains_agree_with_the_full_read() {
+        let paired = pair_chains(chain_blocks(), debug_graph(json!([]), json!([]))).unwrap();
+        let edges = HashMap::from([
+            (("top".to_owned(), "backing".to_owned()), "base".to_owned()),
+            (("top".to_owned(), "file".to_owned()), "#block1".to_owned()),
+            (("base".to_owned(), "file".to_owned()), "#block2".to_owned()),
+            (("x".to_owned(), "file".to_owned()), "#block3".to_owned()),
+        ]);
         let mut nodes = nodes();
-        nodes.push(node("x", "file", "/i/x.raw", None));
+        nodes.retain(|n| n.node_name != "other");
+        nodes.push(node("x", "raw", "/i/x.raw", None));
+        nodes[0].dirty_bitmaps = vec![BitmapInfo {
+            name: "b0".into(),
+            granularity: 65536,
+            persistent: true,
+        }];
         let full = assemble(blocks(), nodes, Some(edges));
-        let actives = assemble_actives(active_blocks, debug);
-        let mut names = full.node_names.clone();
-        names.remove("x");
-        assert_eq!(actives.node_names, names);
-        assert_eq!(actives.disks.len(), full.disks.len());
+        assert_eq!(
+            paired.disks.keys().collect::<Vec<_>>(),
+            full.disks.keys().collect::<Vec<_>>()
+        );
         for (id, disk) in &full.disks {
-            let a = &actives.disks[id];
-            assert_eq!(a.active(), disk.active(), "{id}");
+            let p = &paired.disks[id];
             assert_eq!(
-                (
-                    a.snapshottable(),
-                    a.anonymous,
-                    a.removable,
-                    a.read_only,
-                    &a.qom_path,
-                    &a.backend
-                ),
+                (p.snapshottable(), p.anonymous, p.removable, p.read_only),
                 (
                     disk.snapshottable(),
                     disk.anonymous,
                     disk.removable,
-                    disk.read_only,
-                    &disk.qom_path,
-                    &disk.backend
+                    disk.read_only
                 ),
                 "{id}"
             );
+            let strip = |c: &[LiveLayer]| -> Vec<LiveLayer> {
+                c.iter()
+                    .cloned()
+                    .map(|l| LiveLayer {
+                        bitmaps: Vec::new(),
+                        read_only: false,
+                        ..l
+                    })
+                    .collect()
+            };
+            assert_eq!(strip(&p.chain), strip(&disk.chain), "{id}");
         }
-        assert_eq!(
-            actives.disks["vda"].active().unwrap().file_node.as_deref(),
-            Some("#block1")
+        let vda = &paired.disks["vda"];
+        let bitmaps = |l: &LiveLayer| l.bitmaps.iter().map(|b| b.name.clone()).collect::<Vec<_>>();
+        // The active image's live persistent bitmaps; below, the header's.
+        assert_eq!(bitmaps(&vda.chain[0]), ["b0"]);
+        assert_eq!(bitmaps(&vda.chain[1]), ["old"]);
+        assert!(!vda.chain[0].read_only && vda.chain[1].read_only);
+        assert_eq!(paired.node_names.len(), 6);
+        assert!(paired.nodes.contains_key("base") && !paired.nodes.contains_key("#block2"));
+    }
+
+    /// What the two-call read cannot vouch for sends [`read`] to the full one.
+    #[test]
+    fn pairing_gives_way_to_the_full_read() {
+        // An image left open in no chain: only the full read says which file.
+        let orphan = debug_graph(
+            json!([{"id": 9, "type": "block-driver", "name": "left"},
+                   {"id": 10, "type": "block-driver", "name": "#block9"}]),
+            json!([{"parent": 9, "child": 10, "name": "file", "perm": []}]),
         );
+        assert!(pair_chains(chain_blocks(), orphan).is_none());
+        // A block job: its implicit filter hides from query-block.
+        let job = debug_graph(
+            json!([{"id": 9, "type": "block-job", "name": "commit0"}]),
+            json!([]),
+        );
+        assert!(pair_chains(chain_blocks(), job).is_none());
+        // The walks disagree: the debug graph has a layer query-block lacks.
+        let deeper = debug_graph(
+            json!([{"id": 9, "type": "block-driver", "name": "deeper"}]),
+            json!([{"parent": 4, "child": 9, "name": "backing", "perm": []}]),
+        );
+        assert!(pair_chains(chain_blocks(), deeper).is_none());
+    }
+
+    /// After an operation, the files QEMU has open follow from the node
+    /// names when each node is one the plan was made on or added.
+    #[test]
+    fn open_files_from_known_node_names() {
+        let planned = pair_chains(chain_blocks(), debug_graph(json!([]), json!([]))).unwrap();
+        let mut known = KnownNodes::of(&planned);
+        known.add(&json!({"driver": "qcow2", "node-name": "new",
+                          "file": {"driver": "file", "node-name": "new-file", "filename": "/i/new.qcow2"}}));
+        // top was released; base stays under the new overlay, whose file
+        // node is named; x's implicit file node is known as x's child.
+        let after: DebugGraph = serde_json::from_value(json!({
+            "nodes": [{"id": 1, "type": "block-driver", "name": "new"},
+                      {"id": 2, "type": "block-driver", "name": "new-file"},
+                      {"id": 3, "type": "block-driver", "name": "base"},
+                      {"id": 4, "type": "block-driver", "name": "#block9"},
+                      {"id": 5, "type": "block-driver", "name": "x"},
+                      {"id": 6, "type": "block-driver", "name": "#block3"}],
+            "edges": [{"parent": 1, "child": 2, "name": "file"},
+                      {"parent": 1, "child": 3, "name": "backing"},
+                      {"parent": 3, "child": 4, "name": "file"},
+                      {"parent": 5, "child": 6, "name": "file"}],
+        }))
+        .unwrap();
+        let files = files_of_known(&after, &known).unwrap();
+        let mut files: Vec<_> = files.into_iter().collect();
+        files.sort();
+        assert_eq!(
+            files,
+            [
+                Path::new("/i/base.qcow2"),
+                Path::new("/i/new.qcow2"),
+                Path::new("/i/x.raw")
+            ]
+        );
+        // A node nobody named: its file is unknown, QEMU must be asked.
+        let stranger: DebugGraph = serde_json::from_value(json!({
+            "nodes": [{"id": 1, "type": "block-driver", "name": "stranger"}], "edges": [],
+        }))
+        .unwrap();
+        assert!(files_of_known(&stranger, &known).is_none());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! `SNAPCTL_STEP_LOG` when that is set: an audit trail of what snapctl did,
 //! and how the tests check that what runs is what `--dry-run` printed.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -24,7 +25,7 @@ use serde_json::{Value, json};
 use super::jobs::Jobs;
 use super::{Interrupt, RunOptions};
 use crate::error::{Error, Result};
-use crate::graph::{self, LiveGraph};
+use crate::graph::{self, KnownNodes, LiveGraph};
 use crate::images;
 use crate::plan::Step;
 
@@ -56,8 +57,11 @@ pub(crate) struct Executor<'a> {
     frozen: Option<u64>,
     switched: bool,
     recorded: bool,
-    /// QEMU's graph, read once before the first file removal.
-    graph_for_removal: Option<Option<LiveGraph>>,
+    /// The nodes whose files are known: the graph the plan was made on and
+    /// the nodes the plan adds (what makes the check before a file removal cheap).
+    known: KnownNodes,
+    /// The files QEMU has open, read once before the first file removal.
+    open_files: Option<HashSet<PathBuf>>,
     pub warnings: Vec<String>,
     pub removed: Vec<PathBuf>,
 }
@@ -77,6 +81,7 @@ impl<'a> Executor<'a> {
         agent: Option<&'a mut GuestAgent>,
         options: &'a RunOptions,
         was_running: bool,
+        planned_on: Option<&LiveGraph>,
     ) -> Executor<'a> {
         Executor {
             client,
@@ -90,7 +95,8 @@ impl<'a> Executor<'a> {
             frozen: None,
             switched: false,
             recorded: false,
-            graph_for_removal: None,
+            known: planned_on.map(KnownNodes::of).unwrap_or_default(),
+            open_files: None,
             warnings: Vec::new(),
             removed: Vec::new(),
         }
@@ -108,6 +114,13 @@ impl<'a> Executor<'a> {
         steps: &[Step],
         record: &mut (dyn FnMut() -> Result<()> + Send),
     ) -> std::result::Result<(), Failure> {
+        for step in steps {
+            if let Step::Qmp { command, arguments } = step
+                && command == "blockdev-add"
+            {
+                self.known.add(arguments);
+            }
+        }
         // An overlay that cannot be owned like the image it covers fails the
         // run before its first step.
         for step in steps {
@@ -329,11 +342,16 @@ impl<'a> Executor<'a> {
     }
 
     async fn remove_file(&mut self, path: &PathBuf) -> Result<()> {
-        if self.graph_for_removal.is_none() {
-            self.graph_for_removal = Some(graph::read_if_running(self.client).await?);
+        if self.open_files.is_none()
+            && let Some(client) = self.client
+        {
+            self.open_files = Some(graph::open_files(client, &self.known).await?);
         }
-        let live = self.graph_for_removal.as_ref().and_then(Option::as_ref);
-        if live.is_some_and(|g| g.node_for(path).is_some()) {
+        if self
+            .open_files
+            .as_ref()
+            .is_some_and(|open| open.contains(path))
+        {
             self.warnings
                 .push(format!("kept {}: QEMU still has it open", path.display()));
             return Ok(());

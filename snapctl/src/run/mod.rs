@@ -446,18 +446,7 @@ impl Session {
     /// With QEMU stopped, a registered VM's snapshot is taken offline.
     pub async fn plan_create(&mut self, opts: &plan::create::CreateOptions) -> Result<Plan> {
         crate::names::validate_snapshot_name(&opts.name)?;
-        // An external snapshot looks at the disks' active images only: read
-        // just those, unless a disk is to be registered (its whole chain is
-        // recorded). The partial graph is not kept for later use.
-        let partial = !opts.internal
-            && self.is_registered()
-            && self.live.is_none()
-            && self.read_actives().await?;
-        let planned = self.plan_create_on_live(opts).await;
-        if partial {
-            self.live = None;
-        }
-        planned
+        self.plan_create_on_live(opts).await
     }
 
     async fn plan_create_on_live(&mut self, opts: &plan::create::CreateOptions) -> Result<Plan> {
@@ -473,25 +462,6 @@ impl Session {
             return plan::internal::plan_save(&record, &facts, opts);
         }
         plan::create::plan(&record, &facts, opts)
-    }
-
-    /// Sets `live` to QEMU's active images ([`graph::read_actives`]) when
-    /// that is all a snapshot needs: every disk to snapshot is in the record
-    /// already. Returns whether it did.
-    async fn read_actives(&mut self) -> Result<bool> {
-        let Some(client) = &self.client else {
-            return Ok(false);
-        };
-        let actives = graph::read_actives(client).await?;
-        let unregistered = actives
-            .disks
-            .values()
-            .any(|d| d.snapshottable() && !d.anonymous && !self.record.disks.contains_key(&d.id));
-        if unregistered {
-            return Ok(false);
-        }
-        self.live = Some(actives);
-        Ok(true)
     }
 
     /// Plans a revert to `name`; a live revert leaves the guest running or
@@ -669,6 +639,7 @@ impl Session {
             record: &mut self.record,
             options,
             was_running,
+            planned_on: self.live.as_ref(),
         };
         let result = match &plan.operation {
             Operation::Create(op) => create::run(ctx, op, &plan.steps, agent.as_mut()).await,
@@ -749,6 +720,8 @@ pub(crate) struct Context<'a> {
     pub record: &'a mut Record,
     pub options: &'a RunOptions,
     pub was_running: bool,
+    /// QEMU's graph the plan was made on, when it was read.
+    pub planned_on: Option<&'a LiveGraph>,
 }
 
 /// An operation begun: journaled, its steps carried out as far as they went.
@@ -770,7 +743,13 @@ impl<'a> Context<'a> {
         save_at_record: bool,
     ) -> Result<(Begun<'a>, std::result::Result<(), exec::Failure>)> {
         let journal = self.lock.begin(self.record, operation)?;
-        let mut exec = exec::Executor::new(self.client, agent, self.options, self.was_running);
+        let mut exec = exec::Executor::new(
+            self.client,
+            agent,
+            self.options,
+            self.was_running,
+            self.planned_on,
+        );
         let (lock, record) = (self.lock, &mut *self.record);
         let result = exec
             .run(steps, &mut || {

@@ -103,7 +103,7 @@ pub async fn recover(
 /// `check` to report); returns the warnings.
 async fn run_steps(client: Option<&Client>, steps: &[Step]) -> Vec<String> {
     let options = RunOptions::default();
-    let mut exec = Executor::new(client, None, &options, false);
+    let mut exec = Executor::new(client, None, &options, false, None);
     match exec.run(steps, &mut || Ok(())).await {
         Ok(()) => exec.warnings,
         Err(failure) => {

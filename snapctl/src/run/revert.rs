@@ -36,7 +36,7 @@ async fn fall_back_to_reset(
     if !op.paused {
         steps.push(Step::qmp("cont", serde_json::Value::Null));
     }
-    let mut reset = Executor::new(Some(client), None, ctx.options, false);
+    let mut reset = Executor::new(Some(client), None, ctx.options, false, ctx.planned_on);
     let reset_result = reset.run(&steps, &mut || Ok(())).await;
     if !op.memory_only {
         drop(apply(ctx.record, op));
@@ -101,7 +101,7 @@ pub(crate) async fn run(mut ctx: Context<'_>, op: &Revert, steps: &[Step]) -> Re
         .cloned()
         .collect();
     let options = ctx.options;
-    let mut offline = Executor::new(None, None, options, false);
+    let mut offline = Executor::new(None, None, options, false, None);
     if let Err(f) = offline.run(&removals, &mut || Ok(())).await {
         offline.warnings.push(f.error.to_string());
     }
