@@ -948,6 +948,9 @@ pub async fn read_settings(
     client: &Client,
     disks: &[&LiveDisk],
 ) -> Result<BTreeMap<String, DiskSettings>> {
+    if disks.is_empty() {
+        return Ok(BTreeMap::new());
+    }
     let (nodes, blocks, cpus) = tokio::join!(
         client.execute_raw("query-named-block-nodes", json!({ "flat": true })),
         client.execute_raw("query-block", Value::Null),
