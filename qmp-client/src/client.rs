@@ -31,7 +31,7 @@ use crate::shared::{Request, Shared};
 #[derive(Debug, Clone)]
 pub struct Client {
     requests: mpsc::Sender<Request>,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     timeout: Option<Duration>,
 }
 
@@ -61,6 +61,14 @@ impl Client {
     /// What QEMU said when we connected (version, capabilities).
     pub fn greeting(&self) -> &Greeting {
         &self.shared.greeting
+    }
+
+    /// The process at the other end of a Unix socket (the kernel's
+    /// `SO_PEERCRED`): QEMU's pid, unless something relays its monitor.
+    /// `None` over TCP or when the kernel cannot say (the peer is in another
+    /// PID namespace).
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.shared.peer_pid.get().copied()
     }
 
     /// The socket this client talks to.

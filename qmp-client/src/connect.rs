@@ -102,9 +102,15 @@ impl Config {
     pub async fn connect_unix(&self, path: impl AsRef<Path>) -> Result<(Client, Connection)> {
         let endpoint = Endpoint::Unix(path.as_ref().to_owned());
         let stream = self.connect_unix_stream(&endpoint, path.as_ref()).await?;
+        let peer = stream.peer_cred().ok().and_then(|c| c.pid());
         let (read, write) = stream.into_split();
-        self.handshake(endpoint, Box::new(read), Writer::Unix(write))
-            .await
+        let (client, connection) = self
+            .handshake(endpoint, Box::new(read), Writer::Unix(write))
+            .await?;
+        if let Some(pid) = peer.and_then(|p| u32::try_from(p).ok()) {
+            let _ = client.shared.peer_pid.set(pid);
+        }
+        Ok((client, connection))
     }
 
     /// Connects to a QMP TCP socket (`-qmp tcp:HOST:PORT,server=on,wait=off`).

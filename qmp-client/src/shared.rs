@@ -30,6 +30,9 @@ pub(crate) struct Shared {
     /// Limits how many commands are in flight at once.
     slots: Arc<Semaphore>,
     pub max_depth: usize,
+    /// The process at the other end of a Unix socket, as the kernel says
+    /// (`SO_PEERCRED`): set once, right after the handshake.
+    pub peer_pid: OnceLock<u32>,
 }
 
 impl Shared {
@@ -47,6 +50,7 @@ impl Shared {
             closed: OnceLock::new(),
             slots: Arc::new(Semaphore::new(max_in_flight.max(1))),
             max_depth,
+            peer_pid: OnceLock::new(),
         }
     }
 

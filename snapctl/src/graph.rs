@@ -610,6 +610,213 @@ fn files_of_known(graph: &DebugGraph, known: &KnownNodes) -> Option<HashSet<Path
     Some(files)
 }
 
+/// The QEMU process a [`NodeMap`] is valid in: node names name nodes of one
+/// process only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct QemuProcess {
+    pub pid: u32,
+    /// Its start time (clock ticks after boot, `/proc/PID/stat`), which a
+    /// later process given the same pid does not share.
+    pub started: u64,
+}
+
+impl QemuProcess {
+    /// The process at the other end of `client`'s socket; `None` when the
+    /// kernel does not say (TCP, another PID namespace) or it is not a QEMU
+    /// (another snapctl relaying the monitor).
+    pub fn of(client: &Client) -> Option<QemuProcess> {
+        let pid = client.peer_pid()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses.
+        let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+        if !comm.starts_with("qemu") {
+            return None;
+        }
+        // Field 22 (starttime); `rest` starts at field 3.
+        let started = rest.split_whitespace().nth(19)?.parse().ok()?;
+        Some(QemuProcess { pid, started })
+    }
+}
+
+/// Which file each node of the disks' chains has open in one QEMU process,
+/// as snapctl left them after its last change there. With it, a merge finds
+/// its nodes from the node names alone (one `x-debug-query-block-graph`,
+/// cheap at any depth) instead of QEMU's description of every layer, which
+/// costs QEMU time growing with the square of the chain's depth.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct NodeMap {
+    pub qemu: QemuProcess,
+    /// Format node name → image file.
+    pub nodes: BTreeMap<String, PathBuf>,
+}
+
+/// What a layer's record entry says about it: format, size, header backing string.
+pub type LayerFacts<'a> = &'a (dyn Fn(&Path) -> Option<(String, u64, Option<String>)> + Sync);
+
+/// The graph of `disks` (disk id → its active image) from node names alone,
+/// each node's file taken from `map`, format and size from `layer`. `None`
+/// when that cannot be trusted: `map` is for another QEMU process, a node of
+/// a chain is not in it, a node stands outside every device (an image left
+/// open), or a block job runs. Layers carry no bitmaps: not for planners
+/// that carry them (create, revert).
+pub async fn read_mapped(
+    client: &Client,
+    map: &NodeMap,
+    disks: &BTreeMap<String, PathBuf>,
+    layer: LayerFacts<'_>,
+) -> Result<Option<LiveGraph>> {
+    if QemuProcess::of(client) != Some(map.qemu) {
+        return Ok(None);
+    }
+    let graph = match client
+        .execute_raw("x-debug-query-block-graph", Value::Null)
+        .await
+    {
+        Ok(v) => decode::<DebugGraph>("x-debug-query-block-graph", v)?,
+        Err(e) if e.qmp_class() == Some("CommandNotFound") => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(mapped_chains(&graph, map, disks, layer))
+}
+
+fn mapped_chains(
+    graph: &DebugGraph,
+    map: &NodeMap,
+    disks: &BTreeMap<String, PathBuf>,
+    layer: LayerFacts<'_>,
+) -> Option<LiveGraph> {
+    if graph.nodes.iter().any(|n| n.kind == "block-job") {
+        return None;
+    }
+    let index = DebugIndex::new(graph);
+    let by_id: HashMap<u64, &DebugNode> = graph.nodes.iter().map(|n| (n.id, n)).collect();
+    // Each device's root node, by the backend above it.
+    let mut roots: HashMap<&str, &str> = HashMap::new();
+    for e in graph.edges.iter().filter(|e| e.name == "root") {
+        let (Some(parent), Some(child)) = (by_id.get(&e.parent), by_id.get(&e.child)) else {
+            continue;
+        };
+        if parent.kind == "block-backend" {
+            roots.insert(child.name.as_str(), parent.name.as_str());
+        }
+    }
+    let mut live = LiveGraph::default();
+    for (id, active) in disks {
+        let (root, backend) = map
+            .nodes
+            .iter()
+            .filter(|(_, file)| *file == active)
+            .find_map(|(node, _)| roots.get_key_value(node.as_str()))?;
+        let mut chain = Vec::new();
+        let mut node = Some(root.to_string());
+        while let Some(name) = node {
+            let file = map.nodes.get(&name)?;
+            let (format, virtual_size, backing_string) = layer(file)?;
+            let file_edge = index.child(&name, "file");
+            chain.push(LiveLayer {
+                node: name.clone(),
+                filename: file.clone(),
+                format,
+                virtual_size,
+                read_only: !file_edge.is_some_and(|(_, perm)| perm.iter().any(|p| p == "write")),
+                backing_string,
+                file_node: file_edge.map(|(child, _)| child.to_owned()),
+                bitmaps: Vec::new(),
+            });
+            node = index
+                .child(&name, "backing")
+                .map(|(child, _)| child.to_owned());
+            if chain.len() > map.nodes.len() {
+                return None;
+            }
+        }
+        let qom_path = if backend.starts_with('/') {
+            backend.to_string()
+        } else {
+            String::new()
+        };
+        let backend = if qom_path.is_empty() {
+            backend.to_string()
+        } else {
+            String::new()
+        };
+        for l in &chain {
+            live.nodes.insert(l.node.clone(), l.clone());
+        }
+        live.disks.insert(
+            id.clone(),
+            LiveDisk::new(id.clone(), qom_path, backend, false, false, chain),
+        );
+    }
+    // As in `pair_chains`: every node must be below some device.
+    let mut reached: HashSet<&str> = HashSet::new();
+    let mut todo: Vec<&str> = roots.keys().copied().collect();
+    while let Some(node) = todo.pop() {
+        if reached.insert(node) {
+            todo.extend(index.edges_from(node));
+        }
+    }
+    let block_drivers = graph.nodes.iter().filter(|n| n.kind == "block-driver");
+    if block_drivers
+        .clone()
+        .any(|n| !reached.contains(n.name.as_str()))
+    {
+        return None;
+    }
+    live.node_names = block_drivers.map(|n| n.name.clone()).collect();
+    Some(live)
+}
+
+/// The [`NodeMap`] after an operation: the nodes of every device's chain in
+/// the graph QEMU has now, each with its file as `known` says. `None` when
+/// QEMU's process cannot be identified or a chain node is not known.
+pub async fn map_nodes(client: &Client, known: &KnownNodes) -> Result<Option<NodeMap>> {
+    let Some(qemu) = QemuProcess::of(client) else {
+        return Ok(None);
+    };
+    let graph = match client
+        .execute_raw("x-debug-query-block-graph", Value::Null)
+        .await
+    {
+        Ok(v) => decode::<DebugGraph>("x-debug-query-block-graph", v)?,
+        Err(e) if e.qmp_class() == Some("CommandNotFound") => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(chain_files(&graph, known).map(|nodes| NodeMap { qemu, nodes }))
+}
+
+/// Each device chain's node with its file; `None` when a node below a known
+/// root is not known.
+fn chain_files(graph: &DebugGraph, known: &KnownNodes) -> Option<BTreeMap<String, PathBuf>> {
+    let index = DebugIndex::new(graph);
+    let by_id: HashMap<u64, &DebugNode> = graph.nodes.iter().map(|n| (n.id, n)).collect();
+    let mut nodes = BTreeMap::new();
+    for e in graph.edges.iter().filter(|e| e.name == "root") {
+        let (Some(parent), Some(child)) = (by_id.get(&e.parent), by_id.get(&e.child)) else {
+            continue;
+        };
+        if parent.kind != "block-backend" {
+            continue;
+        }
+        // A device whose root nobody described (a CD drive the plan did not
+        // look at) is left out; below a known root, every node must be known.
+        if !known.images.contains_key(&child.name) {
+            continue;
+        }
+        let mut node = Some(child.name.clone());
+        while let Some(name) = node {
+            let file = known.images.get(&name)?;
+            if nodes.insert(name.clone(), file.clone()).is_some() {
+                break;
+            }
+            node = index
+                .child(&name, "backing")
+                .map(|(child, _)| child.to_owned());
+        }
+    }
+    Some(nodes)
+}
+
 /// The live graph when QEMU runs (`client` is `Some`), `None` otherwise.
 pub async fn read_if_running(client: Option<&Client>) -> Result<Option<LiveGraph>> {
     match client {
@@ -1540,6 +1747,75 @@ mod tests {
         }))
         .unwrap();
         assert!(files_of_known(&stranger, &known).is_none());
+    }
+
+    /// From node names and the map alone, each recorded disk's chain; any
+    /// node the map does not know, or one outside every device, is refused.
+    #[test]
+    fn mapped_chains_trust_only_known_names() {
+        let map = NodeMap {
+            qemu: QemuProcess { pid: 1, started: 2 },
+            nodes: BTreeMap::from([
+                ("top".to_owned(), PathBuf::from("/i/top.qcow2")),
+                ("base".to_owned(), PathBuf::from("/i/base.qcow2")),
+                ("x".to_owned(), PathBuf::from("/i/x.raw")),
+            ]),
+        };
+        let disks = BTreeMap::from([("vda".to_owned(), PathBuf::from("/i/top.qcow2"))]);
+        let layer = |p: &Path| {
+            Some((
+                "qcow2".to_owned(),
+                1 << 20,
+                Some(format!("{}", p.display())),
+            ))
+        };
+        let graph = debug_graph(json!([]), json!([]));
+        let live = mapped_chains(&graph, &map, &disks, &layer).unwrap();
+        let vda = &live.disks["vda"];
+        let chain: Vec<_> = vda
+            .chain
+            .iter()
+            .map(|l| (l.node.as_str(), l.filename.to_str().unwrap()))
+            .collect();
+        assert_eq!(chain, [("top", "/i/top.qcow2"), ("base", "/i/base.qcow2")]);
+        assert_eq!(vda.chain[0].file_node.as_deref(), Some("#block1"));
+        assert!(!vda.chain[0].read_only && vda.chain[1].read_only);
+        assert_eq!(vda.qom_path, "/machine/peripheral/vda/virtio-backend");
+        assert_eq!(live.node_names.len(), 6);
+
+        // A layer the map does not know (someone else's overlay).
+        let mut other = map.clone();
+        other.nodes.remove("base");
+        assert!(mapped_chains(&graph, &other, &disks, &layer).is_none());
+        // A node outside every device.
+        let orphan = debug_graph(
+            json!([{"id": 9, "type": "block-driver", "name": "left"}]),
+            json!([]),
+        );
+        assert!(mapped_chains(&orphan, &map, &disks, &layer).is_none());
+        // A layer the record does not describe.
+        let nothing = |_: &Path| None;
+        assert!(mapped_chains(&graph, &map, &disks, &nothing).is_none());
+    }
+
+    /// After an operation, the map covers every device's chain, each node's
+    /// file from what was known; a device whose root is not known is left out.
+    #[test]
+    fn the_map_after_an_operation_names_every_chain_node() {
+        let planned = pair_chains(chain_blocks(), debug_graph(json!([]), json!([]))).unwrap();
+        let known = KnownNodes::of(&planned);
+        let files = chain_files(&debug_graph(json!([]), json!([])), &known).unwrap();
+        assert_eq!(
+            files.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["base", "top", "x"]
+        );
+        let mut partial = KnownNodes::of(&planned);
+        partial.images.remove("base");
+        assert!(chain_files(&debug_graph(json!([]), json!([])), &partial).is_none());
+        let mut rootless = KnownNodes::of(&planned);
+        rootless.images.remove("x");
+        let files = chain_files(&debug_graph(json!([]), json!([])), &rootless).unwrap();
+        assert!(!files.contains_key("x") && files.contains_key("top"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::error::RecordProblem;
 use crate::error::{Error, Result, quoted};
-use crate::graph::{DiskSettings, LiveDisk};
+use crate::graph::{DiskSettings, LiveDisk, NodeMap};
 use crate::names;
 use crate::operation::Operation;
 
@@ -62,6 +62,13 @@ pub struct Record {
     /// its memory state is still to load into the next QEMU (`revert` again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_memory: Option<String>,
+    /// Which file each node of the disks' chains has open in the running
+    /// QEMU, as the last operation left them: lets a merge skip QEMU's
+    /// description of every layer. Cleared when an operation begins, set
+    /// again when one finishes with QEMU running; valid only in that QEMU
+    /// process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_map: Option<NodeMap>,
     /// Operations in flight: written before an operation's first change to QEMU or to
     /// files, removed when it is done. An entry left over means a run was interrupted and
     /// the next run must finish or roll back its steps.
@@ -289,6 +296,7 @@ impl Record {
             clone_of: None,
             backup: None,
             pending_memory: None,
+            node_map: None,
             journal: Vec::new(),
             extra: BTreeMap::new(),
         }

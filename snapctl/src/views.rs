@@ -232,8 +232,11 @@ pub fn label(chain: &[ChainEntry], i: usize) -> String {
 ///
 /// Every layer gets the disk's recorded node options ([`crate::record::Disk::node_options`],
 /// `file.`-keys on its protocol node); every layer below the active one is
-/// opened `"read-only": true`, its protocol node too, so that two QEMUs can
-/// share them (a template). The `-device` carries the recorded properties.
+/// opened `"read-only": true` (its protocol node inherits that), so that two
+/// QEMUs can share them (a template). Only the format node says so: QEMU
+/// reopens a layer read-write for a merge into it (`block-commit`,
+/// `block-stream`) only when its protocol node's read-only was inherited.
+/// The `-device` carries the recorded properties.
 pub fn qemu_args(record: &Record, only: Option<&str>) -> Vec<String> {
     let mut args = Vec::new();
     // A checkpoint reverted while QEMU was stopped: the guest must not run
@@ -266,7 +269,6 @@ pub fn qemu_args(record: &Record, only: Option<&str>) -> Vec<String> {
             }
             if i != top {
                 spec["read-only"] = true.into();
-                spec["file"]["read-only"] = true.into();
             }
             if let Some(b) = &below {
                 spec["backing"] = b.clone().into();
@@ -455,11 +457,7 @@ mod tests {
                 (!top).then_some(&true.into()),
                 "{spec}"
             );
-            assert_eq!(
-                spec["file"].get("read-only"),
-                (!top).then_some(&true.into()),
-                "{spec}"
-            );
+            assert_eq!(spec["file"].get("read-only"), None, "{spec}");
             let backing = if i == 0 {
                 serde_json::Value::Null
             } else {

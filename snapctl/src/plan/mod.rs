@@ -279,13 +279,15 @@ pub fn overlay_blockdev(node: &str, file_node: &str, path: &Path, backing: Optio
 }
 
 /// The `blockdev-add` arguments that open an existing layer read-only on top
-/// of `backing` (an open node, or nothing).
+/// of `backing` (an open node, or nothing). The protocol node inherits
+/// read-only, which lets QEMU reopen the layer read-write for a later merge
+/// into it (an explicit `file.read-only` would refuse that).
 pub fn layer_blockdev(path: &Path, format: &str, node: &str, backing: Option<&str>) -> Value {
     let mut spec = json!({
         "driver": format,
         "node-name": node,
         "read-only": true,
-        "file": { "driver": "file", "filename": path, "read-only": true },
+        "file": { "driver": "file", "filename": path },
     });
     if format == "qcow2" {
         spec["backing"] = backing.map_or(Value::Null, Value::from);

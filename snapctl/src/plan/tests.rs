@@ -1325,7 +1325,7 @@ fn revert_to_another_branch_opens_its_layers_read_only_bottom_up() {
                 "driver": "qcow2",
                 "node-name": node,
                 "read-only": true,
-                "file": { "driver": "file", "filename": path, "read-only": true },
+                "file": { "driver": "file", "filename": path },
                 "backing": backing,
             }),
         )
@@ -1379,7 +1379,7 @@ fn revert_opens_a_raw_layer_without_a_backing() {
                 "driver": "raw",
                 "node-name": so,
                 "read-only": true,
-                "file": { "driver": "file", "filename": "/img/base.raw", "read-only": true },
+                "file": { "driver": "file", "filename": "/img/base.raw" },
             })
         )
     );

@@ -32,7 +32,7 @@ pub(crate) async fn run(
         .map_err(|f| f.error)
         .and_then(|()| target.save(&clone_record));
     match saved {
-        Ok(()) => ctx.finish(begun),
+        Ok(()) => ctx.finish(begun).await,
         Err(error) => {
             ctx.record.unpin(&op.to);
             begun.exec.rollback().await;

@@ -37,7 +37,7 @@ pub(crate) async fn run<'a>(
         .begin(operation, steps, agent, &|r| apply(r, op), false)
         .await?;
     let Err(failure) = result else {
-        return ctx.finish(begun);
+        return ctx.finish(begun).await;
     };
     // The transaction may have happened even though we saw an error
     // (timeout after sending, connection lost): look before undoing.
@@ -50,7 +50,7 @@ pub(crate) async fn run<'a>(
             apply(ctx.record, op);
         }
         begun.exec.warnings.push(failure.error.to_string());
-        return ctx.finish(begun);
+        return ctx.finish(begun).await;
     }
     begun.exec.rollback().await;
     ctx.abandon(&begun, failure.error)

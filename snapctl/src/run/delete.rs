@@ -26,7 +26,7 @@ pub(crate) async fn run(mut ctx: Context<'_>, op: &Delete, steps: &[Step]) -> Re
         .begin(operation, steps, None, &|r| drop(apply(r, op)), false)
         .await?;
     let Err(failure) = result else {
-        return ctx.finish(begun);
+        return ctx.finish(begun).await;
     };
     if !ctx.stop(&mut begun, &failure).await {
         return ctx.abandon(&begun, failure.error);

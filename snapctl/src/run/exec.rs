@@ -59,7 +59,7 @@ pub(crate) struct Executor<'a> {
     recorded: bool,
     /// The nodes whose files are known: the graph the plan was made on and
     /// the nodes the plan adds (what makes the check before a file removal cheap).
-    known: KnownNodes,
+    pub known: KnownNodes,
     /// The files QEMU has open, read once before the first file removal.
     open_files: Option<HashSet<PathBuf>>,
     pub warnings: Vec<String>,
@@ -100,6 +100,11 @@ impl<'a> Executor<'a> {
             warnings: Vec::new(),
             removed: Vec::new(),
         }
+    }
+
+    /// Whether a step that switches what QEMU writes had succeeded.
+    pub fn switched(&self) -> bool {
+        self.switched
     }
 
     fn interrupt(&self) -> &Interrupt {

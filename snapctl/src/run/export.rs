@@ -10,7 +10,7 @@ pub(crate) async fn run(mut ctx: Context<'_>, op: &Export, steps: &[Step]) -> Re
     let operation = Operation::Export(op.clone());
     let (mut begun, result) = ctx.begin(operation, steps, None, &|_| {}, false).await?;
     let Err(failure) = result else {
-        return ctx.finish(begun);
+        return ctx.finish(begun).await;
     };
     begun.exec.rollback().await;
     ctx.abandon(&begun, failure.error)

@@ -23,7 +23,7 @@ pub(crate) async fn run(mut ctx: Context<'_>, op: &Internal, steps: &[Step]) -> 
         .begin(operation, steps, None, &|r| apply(r, op), save)
         .await?;
     let Err(failure) = result else {
-        return ctx.finish(begun);
+        return ctx.finish(begun).await;
     };
     if failure.recorded {
         return ctx.abandon(&begun, failure.error);

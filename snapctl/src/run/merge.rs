@@ -30,7 +30,7 @@ pub(crate) async fn run(
         )
         .await?;
     let Err(failure) = result else {
-        return ctx.finish(begun);
+        return ctx.finish(begun).await;
     };
     if !ctx.stop(&mut begun, &failure).await {
         return ctx.abandon(&begun, failure.error);

@@ -204,6 +204,9 @@ pub struct Session {
     /// QEMU's graph and the guest's run state, read once and forgotten when an
     /// operation changes them.
     live: Option<LiveGraph>,
+    /// The graph a merge reads from node names alone ([`Session::merge_facts`]):
+    /// kept apart from `live`, as its layers carry no bitmaps.
+    mapped: Option<LiveGraph>,
     running: Option<bool>,
     /// What registering disks could not read from QEMU, until said (see
     /// [`Session::take_registration_warnings`]).
@@ -239,6 +242,7 @@ impl Session {
             socket,
             qga,
             live: None,
+            mapped: None,
             running: None,
             registration_warnings: Vec::new(),
         })
@@ -301,6 +305,7 @@ impl Session {
         let mut lines =
             recover::recover(self.client.as_ref(), &self.lock, &mut self.record).await?;
         self.live = None;
+        self.mapped = None;
         self.running = None;
         if let Some(entry) = self.record.journal.first() {
             return Err(Error::Refused(format!(
@@ -326,6 +331,7 @@ impl Session {
         let mut lines =
             recover::recover(self.client.as_ref(), &self.lock, &mut self.record).await?;
         self.live = None;
+        self.mapped = None;
         self.running = None;
         if self.record.journal.is_empty() {
             lines.extend(self.settle_backup().await?);
@@ -432,6 +438,43 @@ impl Session {
         Ok(self.running)
     }
 
+    /// The facts a merge (delete, commit, pull) is planned on. Its graph
+    /// comes from the node names alone ([`graph::read_mapped`]) when the
+    /// record's node map holds for this QEMU: a merge needs each layer's node
+    /// and file, not QEMU's description of every layer, whose cost grows
+    /// with the square of the chain's depth. Otherwise, [`Session::facts`].
+    async fn merge_facts<'h>(&'h mut self, host: &'h dyn Host) -> Result<Facts<'h>> {
+        // An open journal entry means an operation stopped half-way: its
+        // nodes are not in the map.
+        if self.live.is_none()
+            && self.mapped.is_none()
+            && self.record.journal.is_empty()
+            && let (Some(client), Some(map)) = (&self.client, &self.record.node_map)
+        {
+            let disks = self
+                .record
+                .disks
+                .iter()
+                .map(|(id, d)| (id.clone(), d.active.clone()))
+                .collect();
+            let layers = &self.record.layers;
+            let layer = |p: &Path| {
+                let l = layers.get(p)?;
+                Some((l.format.clone(), l.virtual_size?, l.backing_string.clone()))
+            };
+            self.mapped = graph::read_mapped(client, map, &disks, &layer).await?;
+        }
+        if self.mapped.is_none() {
+            return self.facts(host).await;
+        }
+        Ok(Facts {
+            live: self.mapped.as_ref(),
+            running: self.running,
+            now: jiff::Timestamp::now(),
+            host,
+        })
+    }
+
     async fn facts<'h>(&'h mut self, host: &'h dyn Host) -> Result<Facts<'h>> {
         let running = self.running;
         Ok(Facts {
@@ -484,7 +527,7 @@ impl Session {
         bandwidth: u64,
     ) -> Result<Plan> {
         let record = self.record.clone();
-        let facts = self.facts(&HostFiles).await?;
+        let facts = self.merge_facts(&HostFiles).await?;
         if record.snapshot_named(name)?.internal.is_some() {
             return plan::internal::plan_delete(&record, &facts, name, metadata_only);
         }
@@ -584,7 +627,7 @@ impl Session {
         bandwidth: u64,
     ) -> Result<Plan> {
         let record = self.record.clone();
-        let facts = self.facts(&HostFiles).await?;
+        let facts = self.merge_facts(&HostFiles).await?;
         plan::merge::plan_commit(&record, &facts, disk, top, base, bandwidth)
     }
 
@@ -596,7 +639,7 @@ impl Session {
         bandwidth: u64,
     ) -> Result<Plan> {
         let record = self.record.clone();
-        let facts = self.facts(&HostFiles).await?;
+        let facts = self.merge_facts(&HostFiles).await?;
         plan::merge::plan_pull(&record, &facts, disk, base, bandwidth)
     }
 
@@ -639,7 +682,7 @@ impl Session {
             record: &mut self.record,
             options,
             was_running,
-            planned_on: self.live.as_ref(),
+            planned_on: self.live.as_ref().or(self.mapped.as_ref()),
         };
         let result = match &plan.operation {
             Operation::Create(op) => create::run(ctx, op, &plan.steps, agent.as_mut()).await,
@@ -656,6 +699,7 @@ impl Session {
             ))),
         };
         self.live = None;
+        self.mapped = None;
         self.running = None;
         if result.is_err() && matches!(plan.operation, Operation::Create(_)) {
             // Nothing was changed in QEMU or on disk: neither is the record,
@@ -763,8 +807,15 @@ impl<'a> Context<'a> {
         Ok((Begun { exec, journal }, result))
     }
 
-    /// The operation is done: its journal entry goes, the record is saved.
-    pub fn finish(&mut self, begun: Begun<'_>) -> Result<Outcome> {
+    /// The operation is done: its journal entry goes, the record is saved,
+    /// with the nodes QEMU now has for the disks' chains when it runs.
+    pub async fn finish(&mut self, begun: Begun<'_>) -> Result<Outcome> {
+        if let Some(client) = self.client {
+            self.record.node_map = graph::map_nodes(client, &begun.exec.known)
+                .await
+                .ok()
+                .flatten();
+        }
         self.lock.resolve(self.record, begun.journal)?;
         Ok(Outcome {
             warnings: begun.exec.warnings,
@@ -783,8 +834,13 @@ impl<'a> Context<'a> {
         failure.switched || begun.exec.rollback().await
     }
 
-    /// Resolves the journal entry of an operation that stopped, then fails with `error`.
+    /// Resolves the journal entry of an operation that stopped, then fails
+    /// with `error`. A node map stays only if nothing had switched (what
+    /// the steps added was removed again).
     pub fn abandon(&mut self, begun: &Begun<'_>, error: Error) -> Result<Outcome> {
+        if begun.exec.switched() {
+            self.record.node_map = None;
+        }
         self.lock.resolve(self.record, begun.journal)?;
         Err(error)
     }

@@ -48,6 +48,10 @@ pub async fn recover(
 ) -> Result<Vec<String>> {
     let mut lines = Vec::new();
     let entries: Vec<JournalEntry> = record.journal.clone();
+    if !entries.is_empty() {
+        // What an interrupted operation did to QEMU's nodes is not in the map.
+        record.node_map = None;
+    }
     for entry in entries {
         let name = entry.operation.name().to_owned();
         if alive(entry.pid) {

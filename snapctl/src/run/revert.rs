@@ -42,7 +42,7 @@ async fn fall_back_to_reset(
         drop(apply(ctx.record, op));
     }
     ctx.record.pending_memory = None;
-    let outcome = ctx.finish(begun)?;
+    let outcome = ctx.finish(begun).await?;
     let what = match reset_result {
         Ok(()) => "the guest was reset onto the checkpoint's disks instead",
         Err(_) => "the guest could not be reset either: it is stopped; reset it before it runs",
@@ -74,7 +74,7 @@ pub(crate) async fn run(mut ctx: Context<'_>, op: &Revert, steps: &[Step]) -> Re
         .begin(operation, steps, None, &|r| drop(apply(r, op)), true)
         .await?;
     let Err(failure) = result else {
-        return ctx.finish(begun);
+        return ctx.finish(begun).await;
     };
     if !failure.switched && !op.memory_only {
         begun.exec.rollback().await;
@@ -112,5 +112,5 @@ pub(crate) async fn run(mut ctx: Context<'_>, op: &Revert, steps: &[Step]) -> Re
     );
     begun.exec.warnings.append(&mut offline.warnings);
     begun.exec.removed.append(&mut offline.removed);
-    ctx.finish(begun)
+    ctx.finish(begun).await
 }

@@ -48,6 +48,7 @@ mod faults;
 mod hostile;
 mod internal;
 mod jobs;
+mod node_map;
 mod offline;
 mod ownership;
 mod relay;
