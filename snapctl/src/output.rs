@@ -38,14 +38,7 @@ pub fn list(record: &Record, tree: bool, as_json: bool) -> io::Result<()> {
         return writeln!(out, "no snapshots of {}", record.vm);
     }
     if tree {
-        let roots: Vec<&Snapshot> = record
-            .snapshots
-            .iter()
-            .filter(|s| s.parent.is_none())
-            .collect();
-        for (i, root) in roots.iter().enumerate() {
-            draw(&mut out, record, root, "", i + 1 == roots.len(), true)?;
-        }
+        draw_tree(&mut out, record)?;
         if record.current.is_none() {
             writeln!(out, "(no current snapshot)")?;
         }
@@ -61,20 +54,20 @@ pub fn list(record: &Record, tree: bool, as_json: bool) -> io::Result<()> {
         "DISKS",
         "DESCRIPTION",
     ];
+    let current = record.current.as_deref();
     let rows: Vec<(bool, [String; 6])> = record
         .snapshots
         .iter()
         .map(|s| {
-            let v = SnapshotView::new(record, s);
             (
-                v.current,
+                current == Some(s.name.as_str()),
                 [
-                    v.name.to_owned(),
+                    s.name.clone(),
                     s.created.strftime("%Y-%m-%d %H:%M:%SZ").to_string(),
-                    v.parent.unwrap_or("-").to_owned(),
+                    s.parent.clone().unwrap_or_else(|| "-".to_owned()),
                     kind(s),
                     s.disks.keys().cloned().collect::<Vec<_>>().join(","),
-                    v.description.unwrap_or("").to_owned(),
+                    s.description.clone().unwrap_or_default(),
                 ],
             )
         })
@@ -111,35 +104,48 @@ fn kind(s: &Snapshot) -> String {
         .unwrap_or_default()
 }
 
-fn draw(
-    out: &mut impl Write,
-    record: &Record,
-    s: &Snapshot,
-    prefix: &str,
-    last: bool,
-    root: bool,
-) -> io::Result<()> {
-    let branch = if root {
-        ""
-    } else if last {
-        "└── "
-    } else {
-        "├── "
-    };
-    let marker = if record.current.as_deref() == Some(s.name.as_str()) {
-        "  <- current"
-    } else {
-        ""
-    };
-    writeln!(out, "{prefix}{branch}{}{marker}", s.name)?;
-    let children = record.children(&s.name);
-    let next = if root {
-        prefix.to_owned()
-    } else {
-        format!("{prefix}{}", if last { "    " } else { "│   " })
-    };
-    for (i, c) in children.iter().enumerate() {
-        draw(out, record, c, &next, i + 1 == children.len(), false)?;
+/// The snapshot tree, one snapshot per line. A snapshot with one child is
+/// followed by it in the same column, so a long run of snapshots stays a
+/// straight line; where a snapshot has several children each branch is drawn
+/// with `├──`/`└──` and indented under it. Drawn with an explicit stack:
+/// chains thousands of snapshots long do not recurse.
+fn draw_tree(out: &mut impl Write, record: &Record) -> io::Result<()> {
+    let children = record.children_by_parent();
+    let roots: Vec<&Snapshot> = record
+        .snapshots
+        .iter()
+        .filter(|s| s.parent.is_none())
+        .collect();
+    // (snapshot, prefix of its line, the branch mark before its name, prefix
+    // for what follows it in its column)
+    let mut stack: Vec<(&Snapshot, String, &str, String)> = roots
+        .iter()
+        .rev()
+        .map(|s| (*s, String::new(), "", String::new()))
+        .collect();
+    while let Some((s, prefix, mark, column)) = stack.pop() {
+        let current = if record.current.as_deref() == Some(s.name.as_str()) {
+            "  <- current"
+        } else {
+            ""
+        };
+        writeln!(out, "{prefix}{mark}{}{current}", s.name)?;
+        let kids = children.get(s.name.as_str()).map_or(&[][..], Vec::as_slice);
+        match kids {
+            [] => {}
+            [only] => stack.push((*only, column.clone(), "", column)),
+            many => {
+                for (i, kid) in many.iter().enumerate().rev() {
+                    let last = i + 1 == many.len();
+                    let (mark, more) = if last {
+                        ("└── ", "    ")
+                    } else {
+                        ("├── ", "│   ")
+                    };
+                    stack.push((*kid, column.clone(), mark, format!("{column}{more}")));
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -168,7 +174,7 @@ pub fn current(record: &Record, as_json: bool) -> io::Result<()> {
 }
 
 pub fn show(record: &Record, s: &Snapshot, as_json: bool) -> io::Result<()> {
-    let v = SnapshotView::new(record, s);
+    let v = SnapshotView::new(record, s, &record.children(&s.name));
     if as_json {
         return json(&v);
     }

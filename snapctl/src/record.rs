@@ -8,6 +8,7 @@
 //! version, which older builds then refuse to read instead of misreading.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
@@ -21,6 +22,44 @@ use crate::operation::Operation;
 
 /// The record format this build writes, and the newest it reads.
 pub const RECORD_VERSION: u32 = 1;
+
+/// The top-level fields of a record this build knows (as its derived
+/// `Deserialize` names them); any other is kept in [`Record::extra`].
+fn record_fields() -> &'static [&'static str] {
+    /// A deserializer that only notes the field names a struct asks for.
+    struct Fields(Option<&'static [&'static str]>);
+    impl<'de> serde::Deserializer<'de> for &mut Fields {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> std::result::Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom(
+                "only a struct's field names are read",
+            ))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            visitor: V,
+        ) -> std::result::Result<V::Value, Self::Error> {
+            self.0 = Some(fields);
+            self.deserialize_any(visitor)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+            enum identifier ignored_any
+        }
+    }
+    static FIELDS: std::sync::OnceLock<&'static [&'static str]> = std::sync::OnceLock::new();
+    FIELDS.get_or_init(|| {
+        let mut probe = Fields(None);
+        let _ = Record::deserialize(&mut probe);
+        probe.0.expect("Record deserializes as a struct")
+    })
+}
 
 /// Everything snapctl records about one VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,7 +78,7 @@ pub struct Record {
     #[serde(default)]
     pub disks: BTreeMap<String, Disk>,
     /// Every image of every disk's tree, by absolute path.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "sorted_map")]
     pub layers: BTreeMap<PathBuf, Layer>,
     /// The snapshots, in creation order.
     #[serde(default)]
@@ -75,8 +114,10 @@ pub struct Record {
     #[serde(default)]
     pub journal: Vec<JournalEntry>,
     /// Fields this build does not know (written by a newer snapctl within the
-    /// same version), kept so that a rewrite does not drop them.
-    #[serde(flatten)]
+    /// same version), kept so that a rewrite does not drop them. Filled by
+    /// [`Record::parse`] from the top level it reads anyway: a flattened
+    /// field would make serde buffer the whole record before decoding it.
+    #[serde(flatten, skip_deserializing)]
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
@@ -131,7 +172,7 @@ pub struct Layer {
 }
 
 /// One snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Snapshot {
     /// The snapshot's name, unique within the record.
     pub name: String,
@@ -159,6 +200,69 @@ pub struct Snapshot {
     /// Fields this build does not know, kept across rewrites.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Read field by field, the fields this build does not know going to
+/// `extra`: what `#[serde(flatten)]` would do, without buffering every
+/// snapshot of a large record before decoding it.
+impl<'de> Deserialize<'de> for Snapshot {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Snapshot;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a snapshot")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Snapshot, A::Error> {
+                use serde::de::Error;
+                fn once<T, E: Error>(
+                    slot: &mut Option<T>,
+                    value: T,
+                    field: &'static str,
+                ) -> std::result::Result<(), E> {
+                    match slot.replace(value) {
+                        Some(_) => Err(E::duplicate_field(field)),
+                        None => Ok(()),
+                    }
+                }
+                let (mut name, mut parent, mut created, mut description) = (None, None, None, None);
+                let (mut kind, mut disks, mut memory, mut internal) = (None, None, None, None);
+                let mut extra = BTreeMap::new();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match &*key {
+                        "name" => once(&mut name, map.next_value()?, "name")?,
+                        "parent" => once(&mut parent, map.next_value()?, "parent")?,
+                        "created" => once(&mut created, map.next_value()?, "created")?,
+                        "description" => once(&mut description, map.next_value()?, "description")?,
+                        "kind" => once(&mut kind, map.next_value()?, "kind")?,
+                        "disks" => once(&mut disks, map.next_value()?, "disks")?,
+                        "memory" => once(&mut memory, map.next_value()?, "memory")?,
+                        "internal" => once(&mut internal, map.next_value()?, "internal")?,
+                        _ => {
+                            extra.insert(key.into_owned(), map.next_value()?);
+                        }
+                    }
+                }
+                Ok(Snapshot {
+                    name: name.ok_or_else(|| A::Error::missing_field("name"))?,
+                    parent: parent.flatten(),
+                    created: created.ok_or_else(|| A::Error::missing_field("created"))?,
+                    description: description.flatten(),
+                    kind: kind.ok_or_else(|| A::Error::missing_field("kind"))?,
+                    disks: disks.unwrap_or_default(),
+                    memory: memory.flatten(),
+                    internal: internal.flatten(),
+                    extra,
+                })
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
 }
 
 /// A backup in progress.
@@ -314,12 +418,17 @@ impl Record {
             path: path.to_owned(),
             problem,
         };
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| corrupt(describe_json_error(&e)))?;
-        let Some(object) = value.as_object() else {
-            return Err(corrupt("it is not a JSON object".into()));
-        };
-        match object.get("version").map(serde_json::Value::as_u64) {
+        // First the top level, each field's JSON text left unparsed (cheap at
+        // any size): the version decides whether this build may read on.
+        let top: BTreeMap<String, &serde_json::value::RawValue> = serde_json::from_slice(bytes)
+            .map_err(|e| match e.classify() {
+                serde_json::error::Category::Data => corrupt("it is not a JSON object".into()),
+                _ => corrupt(describe_json_error(&e)),
+            })?;
+        let version = top
+            .get("version")
+            .map(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok());
+        match version.map(|v| v.as_ref().and_then(serde_json::Value::as_u64)) {
             None => return Err(corrupt("it has no `version` field".into())),
             Some(None | Some(0)) => {
                 return Err(corrupt("`version` is not a positive integer".into()));
@@ -333,8 +442,17 @@ impl Record {
             }
             Some(Some(_)) => {}
         }
-        // Parse the bytes again rather than the value, so errors carry line and column.
-        serde_json::from_slice(bytes).map_err(|e| corrupt(describe_json_error(&e)))
+        // Then the whole record from the bytes, so errors carry line and column.
+        let mut record: Record =
+            serde_json::from_slice(bytes).map_err(|e| corrupt(describe_json_error(&e)))?;
+        for (key, raw) in top
+            .into_iter()
+            .filter(|(k, _)| !record_fields().contains(&k.as_str()))
+        {
+            let value = serde_json::from_str(raw.get()).map_err(|e| corrupt(e.to_string()))?;
+            record.extra.insert(key, value);
+        }
+        Ok(record)
     }
 
     /// The record as the store writes it: pretty JSON with a trailing newline.
@@ -501,8 +619,15 @@ impl Record {
     }
 
     fn layer_problem(&self) -> Option<RecordProblem> {
+        // Looked up by the paths' bytes: comparing paths component by
+        // component is what made validating a large record slow.
+        let backing: HashMap<&[u8], Option<&[u8]>> = self
+            .layers
+            .iter()
+            .map(|(path, l)| (bytes(path), l.backing.as_deref().map(bytes)))
+            .collect();
         for (id, disk) in &self.disks {
-            if !self.layers.contains_key(&disk.active) {
+            if !backing.contains_key(bytes(&disk.active)) {
                 return Some(RecordProblem::UnknownActiveImage {
                     disk: id.clone(),
                     image: disk.active.clone(),
@@ -511,7 +636,7 @@ impl Record {
         }
         for s in &self.snapshots {
             for (id, disk) in &s.disks {
-                if !self.layers.contains_key(&disk.image) {
+                if !backing.contains_key(bytes(&disk.image)) {
                     return Some(RecordProblem::UnknownFrozenImage {
                         snapshot: s.name.clone(),
                         disk: id.clone(),
@@ -521,19 +646,19 @@ impl Record {
             }
         }
         for (path, layer) in &self.layers {
-            if let Some(backing) = &layer.backing
-                && !self.layers.contains_key(backing)
+            if let Some(b) = &layer.backing
+                && !backing.contains_key(bytes(b))
             {
                 return Some(RecordProblem::UnknownBacking {
                     layer: path.clone(),
-                    backing: backing.clone(),
+                    backing: b.clone(),
                 });
             }
         }
-        let paths = self.layers.keys().map(PathBuf::as_path);
-        if let Some(on_cycle) = first_cycle(paths, |p| self.backing_of(p)) {
+        let paths = self.layers.keys().map(|p| bytes(p));
+        if let Some(on_cycle) = first_cycle(paths, |p| backing.get(p).copied().flatten()) {
             return Some(RecordProblem::BackingCycle {
-                layer: on_cycle.to_owned(),
+                layer: PathBuf::from(std::ffi::OsStr::from_bytes(on_cycle)),
             });
         }
         None
@@ -559,6 +684,19 @@ impl Record {
             .iter()
             .filter(|s| s.parent.as_deref() == Some(name))
             .collect()
+    }
+
+    /// Every snapshot's children, in creation order, by parent name: what
+    /// [`Record::children`] gives for one snapshot, for all of them in one
+    /// pass (a listing of many snapshots).
+    pub fn children_by_parent(&self) -> HashMap<&str, Vec<&Snapshot>> {
+        let mut children: HashMap<&str, Vec<&Snapshot>> = HashMap::new();
+        for s in &self.snapshots {
+            if let Some(parent) = &s.parent {
+                children.entry(parent.as_str()).or_default().push(s);
+            }
+        }
+        children
     }
 
     /// The recorded chain of disk `disk`: its active image first, then each backing
@@ -856,6 +994,45 @@ impl Record {
 /// found. Nodes already walked without finding a loop are not walked again,
 /// so the whole check is linear in the number of nodes, not quadratic (a
 /// record with thousands of snapshots validates in milliseconds).
+/// A JSON object read into a `BTreeMap` built from its entries at once
+/// rather than one insertion at a time: the store writes maps in key order,
+/// so the entries need a single pass of comparisons, not one search each
+/// (paths compare component by component, which made reading a record with
+/// thousands of layers slow). A key given twice keeps its last value, as
+/// insertion would.
+fn sorted_map<'de, D, K, V>(deserializer: D) -> std::result::Result<BTreeMap<K, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    K: Deserialize<'de> + Ord,
+    V: Deserialize<'de>,
+{
+    struct Entries<K, V>(std::marker::PhantomData<(K, V)>);
+    impl<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>> serde::de::Visitor<'de>
+        for Entries<K, V>
+    {
+        type Value = BTreeMap<K, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            Ok(entries.into_iter().collect())
+        }
+    }
+    deserializer.deserialize_map(Entries(std::marker::PhantomData))
+}
+
+/// A path's bytes: what record lookups that must be fast compare.
+fn bytes(path: &Path) -> &[u8] {
+    path.as_os_str().as_bytes()
+}
+
 fn first_cycle<'a, T>(
     starts: impl IntoIterator<Item = &'a T>,
     next: impl Fn(&'a T) -> Option<&'a T>,

@@ -55,7 +55,8 @@ pub struct FrozenImage<'a> {
 }
 
 impl<'a> SnapshotView<'a> {
-    pub fn new(record: &'a Record, s: &'a Snapshot) -> SnapshotView<'a> {
+    /// Snapshot `s` of `record`, whose children are `children`.
+    pub fn new(record: &'a Record, s: &'a Snapshot, children: &[&'a Snapshot]) -> SnapshotView<'a> {
         SnapshotView {
             name: &s.name,
             parent: s.parent.as_deref(),
@@ -72,16 +73,13 @@ impl<'a> SnapshotView<'a> {
                 .iter()
                 .map(|(d, sd)| (d.as_str(), FrozenImage { image: &sd.image }))
                 .collect(),
-            children: record
-                .children(&s.name)
-                .iter()
-                .map(|c| c.name.as_str())
-                .collect(),
+            children: children.iter().map(|c| c.name.as_str()).collect(),
         }
     }
 }
 
 pub fn list(record: &Record) -> SnapshotList<'_> {
+    let children = record.children_by_parent();
     SnapshotList {
         vm: &record.vm,
         clone_of: record.clone_of.as_ref(),
@@ -89,7 +87,10 @@ pub fn list(record: &Record) -> SnapshotList<'_> {
         snapshots: record
             .snapshots
             .iter()
-            .map(|s| SnapshotView::new(record, s))
+            .map(|s| {
+                let of = children.get(s.name.as_str()).map_or(&[][..], Vec::as_slice);
+                SnapshotView::new(record, s, of)
+            })
             .collect(),
     }
 }

@@ -326,10 +326,14 @@ fn revert_live_to_ancestor_and_to_other_branch() {
         tree_column(&tree, "s2"),
         "s4 is a child of s1 like s2:\n{tree}"
     );
-    assert!(
-        tree_column(&tree, "s3") > tree_column(&tree, "s2"),
-        "s3 is below s2:\n{tree}"
+    // s2's only child continues its column, on the next line.
+    assert_eq!(
+        tree_column(&tree, "s3"),
+        tree_column(&tree, "s2"),
+        "s3 follows s2:\n{tree}"
     );
+    let line_of = |name: &str| tree.lines().position(|l| l.contains(name)).unwrap();
+    assert_eq!(line_of("s3"), line_of("s2") + 1, "s3 follows s2:\n{tree}");
 
     vm.quit();
     reads.assert_ok(&vm);
