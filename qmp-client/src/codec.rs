@@ -121,13 +121,23 @@ pub fn parse_json(line: &[u8], max_depth: usize) -> Result<Value> {
             "message nested {depth} levels deep (limit {max_depth})"
         )));
     }
-    let mut de = serde_json::Deserializer::from_slice(line);
-    de.disable_recursion_limit();
-    let value = serde::Deserialize::deserialize(serde_stacker::Deserializer::new(&mut de))
-        .and_then(|v: Value| de.end().map(|()| v))
-        .map_err(|e| Error::Protocol(format!("malformed JSON: {e}: {}", preview(line))))?;
-    Ok(value)
+    let parsed = if depth <= SHALLOW {
+        // Most messages (every reply to a simple query, every event) are a few
+        // levels deep: serde_json's own parser, whose recursion limit (128) they
+        // cannot reach, is safe on any stack, and skipping the stack check per
+        // nested value makes the common reply cheaper.
+        serde_json::from_slice(line)
+    } else {
+        let mut de = serde_json::Deserializer::from_slice(line);
+        de.disable_recursion_limit();
+        serde::Deserialize::deserialize(serde_stacker::Deserializer::new(&mut de))
+            .and_then(|v: Value| de.end().map(|()| v))
+    };
+    parsed.map_err(|e| Error::Protocol(format!("malformed JSON: {e}: {}", preview(line))))
 }
+
+/// Nesting depth up to which [`parse_json`] parses on the current stack.
+const SHALLOW: usize = 64;
 
 /// The deepest bracket nesting in a JSON text, ignoring brackets inside strings.
 fn nesting_depth(text: &[u8]) -> usize {
