@@ -21,6 +21,7 @@ use crate::connection::{Connection, Reader, Writer};
 use crate::error::{Endpoint, Error, Result};
 use crate::message::{Greeting, Incoming};
 use crate::shared::{Notice, Shared};
+use crate::socket;
 
 /// Connection settings. `Config::default()` suits QEMU on the same host.
 #[derive(Debug, Clone)]
@@ -102,7 +103,7 @@ impl Config {
     pub async fn connect_unix(&self, path: impl AsRef<Path>) -> Result<(Client, Connection)> {
         let endpoint = Endpoint::Unix(path.as_ref().to_owned());
         let stream = self.connect_unix_stream(&endpoint, path.as_ref()).await?;
-        let (read, write) = stream.into_split();
+        let (read, write) = socket::split(stream).map_err(Error::Io)?;
         self.handshake(endpoint, Box::new(read), Writer::Unix(write))
             .await
     }
