@@ -41,6 +41,9 @@ fn register(stream: StdUnixStream, interest: Interest) -> io::Result<AsyncFd<Std
     unsafe { AsyncFd::register_with_interest(stream, interest) }.map_err(io::Error::from)
 }
 
+/// The most one read asks for.
+const MAX_READ: usize = 64 << 10;
+
 /// Reads from the socket as the runtime reports it readable.
 #[derive(Debug)]
 pub(crate) struct ReadHalf(Arc<AsyncFd<StdUnixStream>>);
@@ -53,7 +56,10 @@ impl AsyncRead for ReadHalf {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.0.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
+            // Reading into the buffer means zeroing it first (without unsafe
+            // code); a bounded read keeps that cost small when the buffer
+            // has grown large for a big reply.
+            let unfilled = buf.initialize_unfilled_to(buf.remaining().min(MAX_READ));
             let wanted = unfilled.len();
             match guard.try_io(|fd| {
                 let mut stream = fd.get_ref();
