@@ -237,10 +237,21 @@ impl Drop for Qemu {
 /// Connects and spawns the connection task; its handle finishes once every
 /// clone of the client is dropped and the socket is closed.
 async fn connect(socket: &Path, in_flight: usize) -> Result<(Client, JoinHandle<()>)> {
-    let (client, connection) = Config::new()
-        .max_in_flight(in_flight)
-        .connect_unix(socket)
-        .await?;
+    let config = Config::new().max_in_flight(in_flight);
+    // QEMU creates the socket file before it listens on it: a connect in
+    // between is refused, so a QEMU that was just started gets a moment more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (client, connection) = loop {
+        match config.connect_unix(socket).await {
+            Err(qmp_client::Error::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            result => break result?,
+        }
+    };
     let task = tokio::spawn(async move {
         if let Err(e) = connection.await {
             eprintln!("bench: QMP connection ended: {e}");
