@@ -16,7 +16,9 @@
 //! sequential latency is reported against it and against QEMU's CPU time per
 //! call (`p50_vs_qemu_cpu`): what the floor spends above QEMU's CPU is QEMU's
 //! and the kernel's (wake-ups, scheduling), what qmp-client spends above the
-//! floor is the client's.
+//! floor is the client's. With `--json`, `floor` has the same fields as
+//! `sequential`, `sequential_vs_floor_p50` compares their medians, and every
+//! workload has `p50_vs_qemu_cpu`.
 //!
 //! Deep chain (`--deep-chain N`): builds N qcow2 layers with qemu-img, starts a
 //! QEMU with the base as `-blockdev` and adds every overlay with `blockdev-add`

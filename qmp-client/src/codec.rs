@@ -111,9 +111,10 @@ impl Decoder for LineCodec {
 
 /// Parses one line into JSON, refusing documents nested deeper than `max_depth`.
 ///
-/// Depth is checked by a linear pre-scan before parsing, and the parse itself runs
-/// on a growable stack, so neither a hostile peer nor a legitimately deep
-/// `query-block` reply can overflow the thread's stack.
+/// Depth is checked by a linear pre-scan before parsing, and a document deeper
+/// than a few dozen levels is parsed on a growable stack, so neither a hostile
+/// peer nor a legitimately deep `query-block` reply can overflow the thread's
+/// stack.
 pub fn parse_json(line: &[u8], max_depth: usize) -> Result<Value> {
     let depth = nesting_depth(line);
     if depth > max_depth {
