@@ -9,6 +9,17 @@
 //! (QEMU's monitor I/O thread, which parses requests, and its main thread, which
 //! runs them).
 //!
+//! Last comes the floor: a minimal blocking client (std `UnixStream`, no
+//! runtime, no parsing) on the same socket, once qmp-client has closed its
+//! connection, sending the same request bytes and reading one reply line per
+//! call. No client can do a sequential round trip faster, so qmp-client's
+//! sequential latency is reported against it and against QEMU's CPU time per
+//! call (`p50_vs_qemu_cpu`): what the floor spends above QEMU's CPU is QEMU's
+//! and the kernel's (wake-ups, scheduling), what qmp-client spends above the
+//! floor is the client's. With `--json`, `floor` has the same fields as
+//! `sequential`, `sequential_vs_floor_p50` compares their medians, and every
+//! workload has `p50_vs_qemu_cpu`.
+//!
 //! Deep chain (`--deep-chain N`): builds N qcow2 layers with qemu-img, starts a
 //! QEMU with the base as `-blockdev` and adds every overlay with `blockdev-add`
 //! (`"backing"` naming the node below), then calls
@@ -50,6 +61,7 @@ use std::time::{Duration, Instant};
 
 use qmp_client::{Client, Config};
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Result<T, E = BoxError> = std::result::Result<T, E>;
@@ -224,17 +236,30 @@ impl Drop for Qemu {
     }
 }
 
-async fn connect(socket: &Path, in_flight: usize) -> Result<Client> {
-    let (client, connection) = Config::new()
-        .max_in_flight(in_flight)
-        .connect_unix(socket)
-        .await?;
-    tokio::spawn(async move {
+/// Connects and spawns the connection task; its handle finishes once every
+/// clone of the client is dropped and the socket is closed.
+async fn connect(socket: &Path, in_flight: usize) -> Result<(Client, JoinHandle<()>)> {
+    let config = Config::new().max_in_flight(in_flight);
+    // QEMU creates the socket file before it listens on it: a connect in
+    // between is refused, so a QEMU that was just started gets a moment more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (client, connection) = loop {
+        match config.connect_unix(socket).await {
+            Err(qmp_client::Error::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            result => break result?,
+        }
+    };
+    let task = tokio::spawn(async move {
         if let Err(e) = connection.await {
             eprintln!("bench: QMP connection ended: {e}");
         }
     });
-    Ok(client)
+    Ok((client, task))
 }
 
 /// CPU time used so far by each thread of process `pid` (`"self"` for this
@@ -315,6 +340,13 @@ impl Sample {
         (total, threads)
     }
 
+    /// The median latency over QEMU's CPU time per call: how much of a round
+    /// trip is spent outside QEMU's threads (1.0 would be none).
+    fn p50_vs_qemu_cpu(&self) -> Option<f64> {
+        let (qemu_us, _) = self.per_call(self.qemu_cpu.as_ref()?);
+        (qemu_us > 0.0).then(|| f64::from(self.percentile(0.50)) / qemu_us)
+    }
+
     fn to_json(&self) -> Value {
         let (client_us, _) = self.per_call(&self.client_cpu);
         let qemu = self.qemu_cpu.as_ref().map(|cpu| {
@@ -330,6 +362,7 @@ impl Sample {
             "p99_us": self.percentile(0.99),
             "client_cpu_us_per_call": client_us,
             "qemu_cpu_us_per_call": qemu,
+            "p50_vs_qemu_cpu": self.p50_vs_qemu_cpu(),
         })
     }
 }
@@ -403,6 +436,129 @@ async fn measure(
     run(client, tasks, args.raw, qemu_pid, duration).await
 }
 
+/// The request the floor sends: byte for byte what qmp-client writes for a
+/// typed `query_status {}` when no other call is in flight (no empty
+/// `arguments`, the smallest free id).
+const FLOOR_REQUEST: &[u8] = b"{\"execute\":\"query-status\",\"id\":1}\n";
+
+/// A minimal blocking QMP client on its own connection: greeting, capabilities
+/// (`oob` when offered, as qmp-client does), then [`FLOOR_REQUEST`] written
+/// and one reply line read back (events skipped), over and over. No runtime,
+/// no channel, no JSON parsing: one `write` and one blocking `read` per call,
+/// so its latency is what QEMU and the kernel take for a round trip, the
+/// lowest any client can reach on this socket.
+struct Floor {
+    stream: StdUnixStream,
+    reader: BufReader<StdUnixStream>,
+    line: Vec<u8>,
+}
+
+impl Floor {
+    fn connect(socket: &Path) -> Result<Floor> {
+        let stream = StdUnixStream::connect(socket)?;
+        // QEMU greets only once the previous client's close has been seen.
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut floor = Floor {
+            reader: BufReader::new(stream.try_clone()?),
+            stream,
+            line: Vec::with_capacity(256),
+        };
+        let greeting: Value = serde_json::from_slice(floor.read_line()?)?;
+        let oob = greeting["QMP"]["capabilities"]
+            .as_array()
+            .is_some_and(|caps| caps.iter().any(|c| c == "oob"));
+        let enable = if oob { json!(["oob"]) } else { json!([]) };
+        let mut request = serde_json::to_vec(&json!({
+            "execute": "qmp_capabilities",
+            "arguments": { "enable": enable },
+        }))?;
+        request.push(b'\n');
+        floor.stream.write_all(&request)?;
+        let reply = floor.reply()?;
+        if !reply.starts_with(b"{\"return\"") {
+            return Err(format!(
+                "qmp_capabilities failed: {}",
+                String::from_utf8_lossy(reply)
+            )
+            .into());
+        }
+        Ok(floor)
+    }
+
+    fn read_line(&mut self) -> Result<&[u8]> {
+        self.line.clear();
+        if self.reader.read_until(b'\n', &mut self.line)? == 0 {
+            return Err("QEMU closed the floor's connection".into());
+        }
+        Ok(&self.line)
+    }
+
+    /// The next line that is not an event.
+    fn reply(&mut self) -> Result<&[u8]> {
+        loop {
+            self.read_line()?;
+            if !self.line.starts_with(b"{\"event\"") {
+                return Ok(&self.line);
+            }
+        }
+    }
+
+    /// One round trip.
+    fn call(&mut self) -> Result<()> {
+        self.stream.write_all(FLOOR_REQUEST)?;
+        let reply = self.reply()?;
+        if !reply.starts_with(b"{\"return\"") {
+            return Err(format!("query-status failed: {}", String::from_utf8_lossy(reply)).into());
+        }
+        Ok(())
+    }
+
+    /// Calls back to back until `duration` has passed, measured like [`run`].
+    fn run(&mut self, qemu_pid: Option<u32>, duration: Duration) -> Result<Sample> {
+        let qemu_before = qemu_pid.map(|pid| cpu_by_thread(&pid.to_string()));
+        let client_before = cpu_by_thread("self");
+        let start = Instant::now();
+        let deadline = start + duration;
+        let mut latencies = Vec::with_capacity(1 << 16);
+        let mut before = start;
+        while before < deadline {
+            self.call()?;
+            let after = Instant::now();
+            latencies.push((after - before).as_micros().min(u32::MAX as u128) as u32);
+            before = after;
+        }
+        let elapsed = start.elapsed();
+        let client_cpu = cpu_delta(&client_before, &cpu_by_thread("self"));
+        let qemu_cpu = qemu_pid
+            .zip(qemu_before)
+            .map(|(pid, before)| cpu_delta(&before, &cpu_by_thread(&pid.to_string())));
+        latencies.sort_unstable();
+        Ok(Sample {
+            tasks: 1,
+            calls: latencies.len() as u64,
+            elapsed,
+            latencies,
+            client_cpu,
+            qemu_cpu,
+        })
+    }
+}
+
+/// The floor workload on `socket` (which no one else may hold), with the same
+/// warm-up and duration as the others, on a thread of its own.
+async fn measure_floor(socket: &Path, args: &Args, qemu_pid: Option<u32>) -> Result<Sample> {
+    let socket = socket.to_owned();
+    let (warmup, seconds) = (args.warmup, args.seconds);
+    tokio::task::spawn_blocking(move || {
+        let mut floor = Floor::connect(&socket)?;
+        if warmup > 0.0 {
+            floor.run(None, Duration::from_secs_f64(warmup))?;
+        }
+        floor.run(qemu_pid, Duration::from_secs_f64(seconds))
+    })
+    .await?
+}
+
 async fn throughput(args: &Args) -> Result<Value> {
     let mut _qemu = None;
     let (socket, qemu_pid) = match &args.socket {
@@ -415,13 +571,18 @@ async fn throughput(args: &Args) -> Result<Value> {
             (socket, Some(pid))
         }
     };
-    let client = connect(&socket, args.in_flight).await?;
+    let (client, connection) = connect(&socket, args.in_flight).await?;
     let version = client.greeting().version.to_string();
     let oob = client.greeting().oob_enabled;
 
     let sequential = measure(&client, 1, args, qemu_pid).await?;
     let concurrent = measure(&client, args.in_flight, args, qemu_pid).await?;
     let speedup = concurrent.per_second() / sequential.per_second();
+    // The monitor serves one client at a time: close ours before the floor's.
+    drop(client);
+    connection.await?;
+    let floor = measure_floor(&socket, args, qemu_pid).await?;
+    let vs_floor = f64::from(sequential.percentile(0.5)) / f64::from(floor.percentile(0.5).max(1));
 
     if !args.json {
         println!(
@@ -434,6 +595,7 @@ async fn throughput(args: &Args) -> Result<Value> {
         for (name, s) in [
             ("sequential", &sequential),
             (&format!("{} in flight", args.in_flight)[..], &concurrent),
+            ("floor", &floor),
         ] {
             let (client_us, _) = s.per_call(&s.client_cpu);
             let qemu = match &s.qemu_cpu {
@@ -456,6 +618,12 @@ async fn throughput(args: &Args) -> Result<Value> {
             );
         }
         println!("{} in flight / sequential: {speedup:.2}x", args.in_flight);
+        println!("sequential p50 / floor p50: {vs_floor:.2}x");
+        for (name, s) in [("sequential", &sequential), ("floor", &floor)] {
+            if let Some(ratio) = s.p50_vs_qemu_cpu() {
+                println!("{name} p50 / QEMU CPU per call: {ratio:.2}x");
+            }
+        }
     }
     Ok(json!({
         "client": "qmp-client",
@@ -466,6 +634,8 @@ async fn throughput(args: &Args) -> Result<Value> {
         "sequential": sequential.to_json(),
         "in_flight": concurrent.to_json(),
         "in_flight_vs_sequential": speedup,
+        "floor": floor.to_json(),
+        "sequential_vs_floor_p50": vs_floor,
     }))
 }
 
@@ -632,7 +802,7 @@ async fn deep_chain(args: &Args, layers: usize) -> Result<Value> {
     let base = layer_node(&paths[0], "l0", None);
     let qemu = Qemu::start(2, &["-blockdev".to_owned(), base.to_string()])?;
     let qemu_pid = qemu.child.id().to_string();
-    let client = connect(&qemu.socket(0), 8).await?;
+    let (client, _connection) = connect(&qemu.socket(0), 8).await?;
     let version = client.greeting().version.to_string();
     let started = Instant::now();
     for (i, path) in paths.iter().enumerate().skip(1) {

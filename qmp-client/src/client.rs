@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
@@ -108,17 +108,13 @@ impl Client {
     /// from a newer QEMU) fails this call with [`Error::Decode`], never the
     /// connection; use [`Client::execute_raw`] to see the reply as JSON.
     pub async fn execute<C: qapi::Command>(&self, command: C) -> Result<C::Ok> {
-        let args = serde_json::to_value(&command).map_err(|source| Error::Decode {
-            command: C::NAME.to_owned(),
-            source,
-        })?;
-        let value = self.call(C::NAME, args, Vec::new()).await?;
+        let value = self.call(C::NAME, &command, Vec::new()).await?;
         decode_reply(C::NAME, value)
     }
 
     /// Runs any command by name with JSON arguments (`Value::Null` for none).
     pub async fn execute_raw(&self, name: &str, arguments: Value) -> Result<Value> {
-        self.call(name, arguments, Vec::new()).await
+        self.call(name, &arguments, Vec::new()).await
     }
 
     /// Runs a command and sends `fds` with it (SCM_RIGHTS on the same write),
@@ -132,7 +128,7 @@ impl Client {
         if !matches!(self.shared.endpoint, Endpoint::Unix(_)) && !fds.is_empty() {
             return Err(Error::FdPassingUnsupported);
         }
-        self.call(name, arguments, fds).await
+        self.call(name, &arguments, fds).await
     }
 
     /// `getfd`: hands QEMU a copy of `fd` under `fdname` (for `-netdev`,
@@ -181,11 +177,20 @@ impl Client {
         decode_reply("human-monitor-command", reply)
     }
 
-    async fn call(&self, name: &str, arguments: Value, fds: Vec<OwnedFd>) -> Result<Value> {
+    async fn call(
+        &self,
+        name: &str,
+        arguments: &impl Serialize,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Value> {
         let sent = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let span = tracing::debug_span!("qmp", command = name, id = tracing::field::Empty);
-        let exchange = self.exchange(name, arguments, fds, sent.clone(), span.clone());
+        let line = request_line(name, arguments).map_err(|source| Error::Decode {
+            command: name.to_owned(),
+            source,
+        })?;
+        let exchange = self.exchange(name, line, fds, sent.clone(), span.clone());
         let result = match self.timeout {
             Some(limit) => match tokio::time::timeout(limit, exchange)
                 .instrument(span.clone())
@@ -215,7 +220,7 @@ impl Client {
     async fn exchange(
         &self,
         name: &str,
-        arguments: Value,
+        line: Vec<u8>,
         fds: Vec<OwnedFd>,
         sent: Arc<AtomicBool>,
         span: tracing::Span,
@@ -224,19 +229,6 @@ impl Client {
             reason: self.shared.close_reason().flatten(),
         };
         let _slot = self.shared.acquire_slot().await.map_err(|_| closed())?;
-        let mut message = serde_json::Map::new();
-        message.insert("execute".into(), name.into());
-        // QEMU treats a missing `arguments` like `{}`; every byte left out
-        // saves QEMU time, as its monitor reads requests one byte at a time.
-        if !(arguments.is_null() || arguments.as_object().is_some_and(|a| a.is_empty())) {
-            message.insert("arguments".into(), arguments);
-        }
-        let mut line = serde_json::to_vec(&message).map_err(|source| Error::Decode {
-            command: name.to_owned(),
-            source,
-        })?;
-        // The connection appends the id and the closing brace.
-        line.pop();
         let (reply, result) = oneshot::channel();
         let request = Request {
             command: name.to_owned(),
@@ -248,5 +240,64 @@ impl Client {
         };
         self.requests.send(request).await.map_err(|_| closed())?;
         result.await.map_err(|_| closed())?
+    }
+}
+
+/// The request for command `name` without its closing brace (the connection
+/// appends the id and the brace): `{"execute":"NAME","arguments":{...}`.
+///
+/// The arguments are serialized straight into the line, with no intermediate
+/// [`Value`]. Arguments that come out as `{}` or `null` are left out: QEMU
+/// treats a missing `arguments` like `{}`, and every byte left out saves QEMU
+/// time, as its monitor reads requests one byte at a time.
+fn request_line(name: &str, arguments: &impl Serialize) -> serde_json::Result<Vec<u8>> {
+    let mut line = Vec::with_capacity(64);
+    line.extend_from_slice(b"{\"execute\":");
+    serde_json::to_writer(&mut line, name)?;
+    let bare = line.len();
+    line.extend_from_slice(b",\"arguments\":");
+    let start = line.len();
+    serde_json::to_writer(&mut line, arguments)?;
+    if matches!(&line[start..], b"{}" | b"null") {
+        line.truncate(bare);
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(name: &str, arguments: &impl Serialize) -> String {
+        String::from_utf8(request_line(name, arguments).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn empty_arguments_are_left_out() {
+        assert_eq!(line("stop", &Value::Null), r#"{"execute":"stop""#);
+        assert_eq!(line("stop", &json!({})), r#"{"execute":"stop""#);
+        assert_eq!(
+            line("query-status", &qapi::qmp::query_status {}),
+            r#"{"execute":"query-status""#
+        );
+    }
+
+    #[test]
+    fn arguments_are_serialized_in_place() {
+        assert_eq!(
+            line("getfd", &json!({ "fdname": "a\"b" })),
+            r#"{"execute":"getfd","arguments":{"fdname":"a\"b"}"#
+        );
+        assert_eq!(
+            line(
+                "query-named-block-nodes",
+                &qapi::qmp::query_named_block_nodes { flat: Some(true) }
+            ),
+            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}"#
+        );
+        assert_eq!(
+            line("odd\"name", &json!([])),
+            r#"{"execute":"odd\"name","arguments":[]"#
+        );
     }
 }

@@ -111,9 +111,10 @@ impl Decoder for LineCodec {
 
 /// Parses one line into JSON, refusing documents nested deeper than `max_depth`.
 ///
-/// Depth is checked by a linear pre-scan before parsing, and the parse itself runs
-/// on a growable stack, so neither a hostile peer nor a legitimately deep
-/// `query-block` reply can overflow the thread's stack.
+/// Depth is checked by a linear pre-scan before parsing, and a document deeper
+/// than a few dozen levels is parsed on a growable stack, so neither a hostile
+/// peer nor a legitimately deep `query-block` reply can overflow the thread's
+/// stack.
 pub fn parse_json(line: &[u8], max_depth: usize) -> Result<Value> {
     let depth = nesting_depth(line);
     if depth > max_depth {
@@ -121,13 +122,23 @@ pub fn parse_json(line: &[u8], max_depth: usize) -> Result<Value> {
             "message nested {depth} levels deep (limit {max_depth})"
         )));
     }
-    let mut de = serde_json::Deserializer::from_slice(line);
-    de.disable_recursion_limit();
-    let value = serde::Deserialize::deserialize(serde_stacker::Deserializer::new(&mut de))
-        .and_then(|v: Value| de.end().map(|()| v))
-        .map_err(|e| Error::Protocol(format!("malformed JSON: {e}: {}", preview(line))))?;
-    Ok(value)
+    let parsed = if depth <= SHALLOW {
+        // Most messages (every reply to a simple query, every event) are a few
+        // levels deep: serde_json's own parser, whose recursion limit (128) they
+        // cannot reach, is safe on any stack, and skipping the stack check per
+        // nested value makes the common reply cheaper.
+        serde_json::from_slice(line)
+    } else {
+        let mut de = serde_json::Deserializer::from_slice(line);
+        de.disable_recursion_limit();
+        serde::Deserialize::deserialize(serde_stacker::Deserializer::new(&mut de))
+            .and_then(|v: Value| de.end().map(|()| v))
+    };
+    parsed.map_err(|e| Error::Protocol(format!("malformed JSON: {e}: {}", preview(line))))
 }
+
+/// Nesting depth up to which [`parse_json`] parses on the current stack.
+const SHALLOW: usize = 64;
 
 /// The deepest bracket nesting in a JSON text, ignoring brackets inside strings.
 fn nesting_depth(text: &[u8]) -> usize {

@@ -21,6 +21,7 @@ use crate::connection::{Connection, Reader, Writer};
 use crate::error::{Endpoint, Error, Result};
 use crate::message::{Greeting, Incoming};
 use crate::shared::{Notice, Shared};
+use crate::socket;
 
 /// Connection settings. `Config::default()` suits QEMU on the same host.
 #[derive(Debug, Clone)]
@@ -103,7 +104,7 @@ impl Config {
         let endpoint = Endpoint::Unix(path.as_ref().to_owned());
         let stream = self.connect_unix_stream(&endpoint, path.as_ref()).await?;
         let peer = stream.peer_cred().ok().and_then(|c| c.pid());
-        let (read, write) = stream.into_split();
+        let (read, write) = socket::split(stream).map_err(Error::Io)?;
         let (client, connection) = self
             .handshake(endpoint, Box::new(read), Writer::Unix(write))
             .await?;

@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,10 +19,9 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use futures_util::StreamExt;
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncWriteExt, Interest};
-use tokio::net::{UnixStream, tcp, unix};
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::net::tcp;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
@@ -31,6 +29,7 @@ use crate::codec::{LineCodec, parse_json};
 use crate::error::{Error, Result};
 use crate::message::Incoming;
 use crate::shared::{Notice, Request, Shared};
+use crate::socket;
 
 /// Commands sent and not answered (including those whose callers gave up)
 /// beyond which QEMU is taken to have stopped answering.
@@ -46,48 +45,21 @@ pub(crate) type Reader = FramedRead<Box<dyn AsyncRead + Send + Unpin>, LineCodec
 /// The write side of the socket.
 #[derive(Debug)]
 pub(crate) enum Writer {
-    Unix(unix::OwnedWriteHalf),
+    Unix(socket::WriteHalf),
     Tcp(tcp::OwnedWriteHalf),
 }
 
 impl Writer {
     pub(crate) async fn write_line(&mut self, line: &[u8], fds: &[OwnedFd]) -> Result<()> {
         match self {
-            Writer::Unix(w) if !fds.is_empty() => {
+            Writer::Unix(w) => {
                 let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-                let written = send_with_fds(w.as_ref(), line, &raw).await?;
-                w.write_all(&line[written..]).await?;
+                w.write_all(line, &raw).await?;
             }
-            Writer::Unix(w) => w.write_all(line).await?,
             Writer::Tcp(_) if !fds.is_empty() => return Err(Error::FdPassingUnsupported),
             Writer::Tcp(w) => w.write_all(line).await?,
         }
         Ok(())
-    }
-}
-
-/// One `sendmsg` carrying the descriptors with the first bytes of `data`.
-/// Returns how many bytes went out; the caller writes the rest normally.
-async fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> std::io::Result<usize> {
-    loop {
-        stream.writable().await?;
-        let sent = stream.try_io(Interest::WRITABLE, || {
-            let iov = [IoSlice::new(data)];
-            let cmsg = [ControlMessage::ScmRights(fds)];
-            sendmsg::<()>(
-                stream.as_raw_fd(),
-                &iov,
-                &cmsg,
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            )
-            .map_err(std::io::Error::from)
-        });
-        match sent {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
     }
 }
 
@@ -228,7 +200,7 @@ impl Driver {
             .expect("fewer than u64::MAX commands are pending");
         request.span.record("id", id);
         let mut line = request.line;
-        line.extend_from_slice(format!(",\"id\":{id}}}\n").as_bytes());
+        push_id(&mut line, id);
         self.writer.write_line(&line, &request.fds).await?;
         self.pending.insert(
             id,
@@ -252,12 +224,49 @@ impl Driver {
     }
 }
 
+/// Appends `,"id":ID}` and the newline to a request line, writing the digits
+/// directly rather than through the formatting machinery: it runs for every
+/// command.
+fn push_id(line: &mut Vec<u8>, id: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = id;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    line.extend_from_slice(b",\"id\":");
+    line.extend_from_slice(&digits[at..]);
+    line.extend_from_slice(b"}\n");
+}
+
 impl Drop for Driver {
     fn drop(&mut self) {
         // The future was dropped before finishing (runtime shutdown, abort):
         // subscribers must still see a disconnect.
         if self.shared.close_reason().is_none() {
             self.shut_down(Some("connection task dropped".into()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_id;
+
+    #[test]
+    fn ids_are_written_in_decimal() {
+        for id in [0, 1, 9, 10, 99, 4096, u64::MAX] {
+            let mut line = b"{\"execute\":\"stop\"".to_vec();
+            push_id(&mut line, id);
+            assert_eq!(
+                line,
+                format!("{{\"execute\":\"stop\",\"id\":{id}}}\n").into_bytes()
+            );
         }
     }
 }

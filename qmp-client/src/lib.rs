@@ -78,6 +78,7 @@ mod jobs;
 mod message;
 mod qga;
 mod shared;
+mod socket;
 
 pub use client::{AddFdInfo, Client};
 pub use codec::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_LINE};

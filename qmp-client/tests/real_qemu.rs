@@ -181,6 +181,8 @@ async fn greeting_status_busy_monitor_and_hmp_socket() {
         "QEMU {version} is too old"
     );
     assert!(client.greeting().oob_enabled, "QEMU offers oob");
+    // The kernel names the process at the other end of the socket.
+    assert_eq!(client.peer_pid(), Some(qemu.pid()));
     let status = client.execute(qmp::query_status {}).await.unwrap();
     assert!(!status.running);
     assert!(matches!(status.status, qmp::RunState::prelaunch));
