@@ -16,17 +16,24 @@ use snapctl::record::{Record, Snapshot};
 use snapctl::run::{Progress, ProgressFn};
 use snapctl::views::{self, ChainView, SnapshotView};
 
+/// Standard output, buffered: a listing of thousands of lines is written in
+/// a few large writes, not one per line. Callers flush.
+fn stdout() -> io::BufWriter<io::StdoutLock<'static>> {
+    io::BufWriter::with_capacity(64 << 10, io::stdout().lock())
+}
+
 pub fn json<T: Serialize + ?Sized>(value: &T) -> io::Result<()> {
-    let mut out = io::stdout().lock();
+    let mut out = stdout();
     serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)
+    writeln!(out)?;
+    out.flush()
 }
 
 pub fn list(record: &Record, tree: bool, as_json: bool) -> io::Result<()> {
     if as_json {
         return json(&views::list(record));
     }
-    let mut out = io::stdout().lock();
+    let mut out = stdout();
     if let Some(origin) = &record.clone_of {
         writeln!(
             out,
@@ -35,14 +42,15 @@ pub fn list(record: &Record, tree: bool, as_json: bool) -> io::Result<()> {
         )?;
     }
     if record.snapshots.is_empty() {
-        return writeln!(out, "no snapshots of {}", record.vm);
+        writeln!(out, "no snapshots of {}", record.vm)?;
+        return out.flush();
     }
     if tree {
         draw_tree(&mut out, record)?;
         if record.current.is_none() {
             writeln!(out, "(no current snapshot)")?;
         }
-        return Ok(());
+        return out.flush();
     }
     // One row per snapshot: marker, then the columns below; each column as
     // wide as its widest cell, so long names never push the others out of line.
@@ -94,7 +102,7 @@ pub fn list(record: &Record, tree: bool, as_json: bool) -> io::Result<()> {
         let cells = [0, 1, 2, 3, 4, 5].map(|i| cells[i].as_str());
         writeln!(out, "{}", line(if *current { "*" } else { "" }, cells))?;
     }
-    Ok(())
+    out.flush()
 }
 
 fn kind(s: &Snapshot) -> String {

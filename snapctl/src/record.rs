@@ -188,7 +188,7 @@ pub struct Snapshot {
     pub kind: SnapshotKind,
     /// Per disk (qdev id), the image that holds the disk as of this snapshot.
     #[serde(default)]
-    pub disks: BTreeMap<String, SnapshotDisk>,
+    pub disks: SnapshotDisks,
     /// A checkpoint's memory and device state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryFile>,
@@ -320,6 +320,152 @@ pub enum SnapshotKind {
 pub struct SnapshotDisk {
     /// The frozen image: read-only since the snapshot, it holds the disk as of it.
     pub image: PathBuf,
+}
+
+/// A snapshot's disks by qdev id, in id order: a map kept as a sorted
+/// vector, because a snapshot has one or a few disks and a `BTreeMap` would
+/// allocate a node of eleven entries for each snapshot (half the memory of a
+/// record with thousands of snapshots).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotDisks(Vec<(String, SnapshotDisk)>);
+
+impl SnapshotDisks {
+    fn position(&self, disk: &str) -> std::result::Result<usize, usize> {
+        self.0.binary_search_by(|(d, _)| d.as_str().cmp(disk))
+    }
+
+    /// The disk `disk`'s entry.
+    pub fn get(&self, disk: &str) -> Option<&SnapshotDisk> {
+        self.position(disk).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn get_mut(&mut self, disk: &str) -> Option<&mut SnapshotDisk> {
+        self.position(disk).ok().map(|i| &mut self.0[i].1)
+    }
+
+    pub fn contains_key(&self, disk: &str) -> bool {
+        self.position(disk).is_ok()
+    }
+
+    /// Sets `disk`'s entry; returns the one it replaces.
+    pub fn insert(&mut self, disk: String, entry: SnapshotDisk) -> Option<SnapshotDisk> {
+        match self.position(&disk) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, entry)),
+            Err(i) => {
+                self.0.insert(i, (disk, entry));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, disk: &str) -> Option<SnapshotDisk> {
+        self.position(disk).ok().map(|i| self.0.remove(i).1)
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&String, &mut SnapshotDisk) -> bool) {
+        self.0.retain_mut(|(d, e)| keep(d, e));
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The entries in disk order.
+    pub fn iter(
+        &self,
+    ) -> impl DoubleEndedIterator<Item = (&String, &SnapshotDisk)> + ExactSizeIterator {
+        self.0.iter().map(|(d, e)| (d, e))
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&String, &mut SnapshotDisk)> {
+        self.0.iter_mut().map(|(d, e)| (&*d, e))
+    }
+
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &String> + ExactSizeIterator {
+        self.0.iter().map(|(d, _)| d)
+    }
+
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &SnapshotDisk> + ExactSizeIterator {
+        self.0.iter().map(|(_, e)| e)
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut SnapshotDisk> {
+        self.0.iter_mut().map(|(_, e)| e)
+    }
+}
+
+impl FromIterator<(String, SnapshotDisk)> for SnapshotDisks {
+    fn from_iter<I: IntoIterator<Item = (String, SnapshotDisk)>>(entries: I) -> Self {
+        let mut disks = SnapshotDisks::default();
+        for (disk, entry) in entries {
+            disks.insert(disk, entry);
+        }
+        disks
+    }
+}
+
+impl<const N: usize> From<[(String, SnapshotDisk); N]> for SnapshotDisks {
+    fn from(entries: [(String, SnapshotDisk); N]) -> Self {
+        entries.into_iter().collect()
+    }
+}
+
+impl std::ops::Index<&str> for SnapshotDisks {
+    type Output = SnapshotDisk;
+    /// The disk's entry; panics when the snapshot has no such disk.
+    fn index(&self, disk: &str) -> &SnapshotDisk {
+        self.get(disk)
+            .unwrap_or_else(|| panic!("the snapshot has no disk {disk}"))
+    }
+}
+
+impl<'a> IntoIterator for &'a SnapshotDisks {
+    type Item = (&'a String, &'a SnapshotDisk);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, SnapshotDisk)>,
+        fn(&'a (String, SnapshotDisk)) -> (&'a String, &'a SnapshotDisk),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(d, e)| (d, e))
+    }
+}
+
+impl Serialize for SnapshotDisks {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for SnapshotDisks {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = SnapshotDisks;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of disks")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<SnapshotDisks, A::Error> {
+                let mut disks = SnapshotDisks(Vec::with_capacity(map.size_hint().unwrap_or(1)));
+                while let Some((disk, entry)) = map.next_entry()? {
+                    disks.insert(disk, entry);
+                }
+                Ok(disks)
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
 }
 
 /// An operation in flight.
@@ -730,6 +876,13 @@ impl Record {
     /// snapshot's frozen image. A layer outside this set serves nothing and is removable
     /// (if snapctl owns it).
     pub fn layers_needed(&self) -> BTreeSet<&Path> {
+        self.needed().into_values().collect()
+    }
+
+    /// [`Record::layers_needed`] by the paths' bytes. Each chain is walked down
+    /// only to the first layer already reached: thousands of snapshots on
+    /// one deep chain cost one walk of it, not one each.
+    fn needed(&self) -> HashMap<&[u8], &Path> {
         let tops = self
             .disks
             .values()
@@ -740,7 +893,17 @@ impl Record {
                     .flat_map(|s| s.disks.values().map(|d| d.image.as_path())),
             )
             .chain(self.pins.keys().map(PathBuf::as_path));
-        tops.flat_map(|top| self.chain_from(top)).collect()
+        let mut needed = HashMap::new();
+        for top in tops {
+            let mut at = Some(top);
+            while let Some(layer) = at {
+                if needed.insert(bytes(layer), layer).is_some() {
+                    break;
+                }
+                at = self.backing_of(layer);
+            }
+        }
+        needed
     }
 
     /// The snapshots whose frozen image (of any disk) is `image`, in creation order.
@@ -925,15 +1088,11 @@ impl Record {
     /// Drops the layers nothing needs any more; returns the owned ones' files
     /// (to delete once nothing has them open). Foreign files are never returned.
     pub fn prune(&mut self) -> Vec<PathBuf> {
-        let needed: BTreeSet<PathBuf> = self
-            .layers_needed()
-            .into_iter()
-            .map(Path::to_path_buf)
-            .collect();
+        let needed = self.needed();
         let unneeded: Vec<PathBuf> = self
             .layers
             .keys()
-            .filter(|p| !needed.contains(*p))
+            .filter(|p| !needed.contains_key(bytes(p)))
             .cloned()
             .collect();
         let mut files = Vec::new();
@@ -1091,7 +1250,7 @@ mod tests {
             created: "2026-11-23T12:00:00Z".parse().unwrap(),
             description: None,
             kind: SnapshotKind::DiskOnly,
-            disks: BTreeMap::from([(
+            disks: SnapshotDisks::from([(
                 "vda".to_owned(),
                 SnapshotDisk {
                     image: image.into(),
@@ -1480,5 +1639,29 @@ mod tests {
             .backing = Some("/img/vda.r1.qcow2".into());
         assert_eq!(rec.chain("vda").len(), 2);
         assert_eq!(rec.layers_needed().len(), 3);
+    }
+
+    /// A snapshot's disks: a map in disk order, read and written as a JSON
+    /// object like the `BTreeMap` it replaces.
+    #[test]
+    fn snapshot_disks_are_a_sorted_map() {
+        let disk = |p: &str| SnapshotDisk { image: p.into() };
+        let mut disks: SnapshotDisks = [
+            ("vdb".to_owned(), disk("/b")),
+            ("vda".to_owned(), disk("/a")),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(disks.keys().collect::<Vec<_>>(), ["vda", "vdb"]);
+        assert_eq!(disks["vdb"].image, Path::new("/b"));
+        assert_eq!(disks.insert("vda".into(), disk("/a2")), Some(disk("/a")));
+        assert!(disks.get("vdc").is_none() && disks.contains_key("vdb"));
+        let json = serde_json::to_string(&disks).unwrap();
+        assert_eq!(json, r#"{"vda":{"image":"/a2"},"vdb":{"image":"/b"}}"#);
+        let back: SnapshotDisks =
+            serde_json::from_str(r#"{"vdb":{"image":"/b"},"vda":{"image":"/a2"}}"#).unwrap();
+        assert_eq!(back, disks);
+        assert_eq!(disks.remove("vda"), Some(disk("/a2")));
+        assert_eq!(disks.len(), 1);
     }
 }

@@ -175,6 +175,7 @@ impl Store {
             dir: self.dir.clone(),
             record_path: self.record_path(vm)?,
             read_only: self.read_only,
+            known: std::sync::Mutex::new(None),
         })
     }
 
@@ -289,6 +290,35 @@ pub struct VmLock {
     record_path: PathBuf,
     /// Taken on a read-only store: the record is never written.
     read_only: bool,
+    /// The record file as this lock last read or wrote it. While the file is
+    /// still that one, a save knows it may overwrite it without parsing it
+    /// again (which costs as much as the save itself on a large record).
+    known: std::sync::Mutex<Option<FileIdentity>>,
+}
+
+/// A file as `stat` identifies it: the same device, inode, size and
+/// modification and change times mean nobody has replaced or rewritten it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> Option<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 impl VmLock {
@@ -314,7 +344,18 @@ impl VmLock {
     /// The record is checked as [`Record::validate`] does, and must be for this VM, so the
     /// operation that follows can rely on the model's invariants.
     pub fn load(&self) -> Result<Option<Record>> {
-        read_record(&self.record_path, &self.vm)
+        let record = read_record(&self.record_path, &self.vm)?;
+        self.remember(record.is_some());
+        Ok(record)
+    }
+
+    /// Notes the record file as it is now (after reading or writing it under
+    /// this lock; `exists` false: there is none).
+    fn remember(&self, exists: bool) {
+        let identity = exists
+            .then(|| FileIdentity::of(&self.record_path))
+            .flatten();
+        *self.known.lock().unwrap_or_else(|e| e.into_inner()) = identity;
     }
 
     /// Puts the record file back as it was before an operation that failed:
@@ -327,7 +368,7 @@ impl VmLock {
             None => {
                 self.check_overwritable()?;
                 match fs::remove_file(&self.record_path) {
-                    Ok(()) => {}
+                    Ok(()) => self.remember(false),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
                     Err(e) => return Err(Error::io("remove record", &self.record_path, e)),
                 }
@@ -376,6 +417,7 @@ impl VmLock {
         File::open(&self.dir)
             .and_then(|dir| dir.sync_all())
             .map_err(in_dir("flush state directory"))?;
+        self.remember(true);
         Ok(())
     }
 
@@ -392,8 +434,13 @@ impl VmLock {
     }
 
     /// Fails unless the current record file is absent or a record of this VM that this
-    /// build can read.
+    /// build can read. A file this lock read or wrote itself, still the same
+    /// (see [`FileIdentity`]), was such a record: it is not parsed again.
     fn check_overwritable(&self) -> Result<()> {
+        let known = *self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.is_some() && known == FileIdentity::of(&self.record_path) {
+            return Ok(());
+        }
         let bytes = match fs::read(&self.record_path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

@@ -19,7 +19,8 @@ use crate::operation::{
     OpenLayer, Operation, Revert,
 };
 use crate::record::{
-    DeviceBinding, Disk, JournalEntry, Layer, Record, Snapshot, SnapshotDisk, SnapshotKind,
+    DeviceBinding, Disk, JournalEntry, Layer, Record, Snapshot, SnapshotDisk, SnapshotDisks,
+    SnapshotKind,
 };
 
 const GIB: u64 = 1 << 30;
@@ -1109,7 +1110,7 @@ fn create_apply_adds_owned_overlays_and_the_snapshot_as_current() {
     assert_eq!(s3.created, now());
     assert_eq!(
         s3.disks,
-        BTreeMap::from([(
+        SnapshotDisks::from([(
             "vdb".to_owned(),
             SnapshotDisk {
                 image: p("/img/vdb.s2.qcow2")

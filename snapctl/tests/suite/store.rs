@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::json;
-use snapctl::record::{DeviceBinding, Disk, Layer, Snapshot, SnapshotDisk, SnapshotKind};
+use snapctl::record::{
+    DeviceBinding, Disk, Layer, Snapshot, SnapshotDisk, SnapshotDisks, SnapshotKind,
+};
 use snapctl::{Error, Record, Store};
 use tempfile::TempDir;
 
@@ -69,7 +71,7 @@ fn record(vm: &str) -> Record {
             created: "2026-11-23T12:00:00Z".parse().unwrap(),
             description: Some(format!("the {name} snapshot")),
             kind: SnapshotKind::DiskOnly,
-            disks: BTreeMap::from([(
+            disks: SnapshotDisks::from([(
                 "vda".to_owned(),
                 SnapshotDisk {
                     image: image.into(),
@@ -209,6 +211,25 @@ fn truncated_record_is_corrupt_and_never_overwritten() {
     assert!(rec.journal.is_empty());
     assert_eq!(fs::read(&path).unwrap(), truncated);
     assert_eq!(dir_entries(store.dir()), ["ci1.json", "ci1.lock"]);
+}
+
+/// A save does not parse again a record file this lock read or wrote and
+/// nobody touched since; one rewritten behind its back is parsed again, and
+/// a broken one is still never overwritten.
+#[test]
+fn a_record_rewritten_behind_the_lock_is_checked_again() {
+    let (_tmp, store) = store();
+    let lock = store.lock("ci1", NO_WAIT).unwrap();
+    let path = store.dir().join("ci1.json");
+    lock.save(&record("ci1")).unwrap();
+    assert!(lock.load().unwrap().is_some());
+    lock.save(&record("ci1")).unwrap();
+
+    let broken = b"{\"version\": 1, \"vm\": \"ci1\", \"snapshots\": 7}\n";
+    fs::write(&path, broken).unwrap();
+    let err = lock.save(&record("ci1")).unwrap_err();
+    assert!(matches!(err, Error::RecordCorrupt { .. }), "{err}");
+    assert_eq!(fs::read(&path).unwrap(), broken);
 }
 
 #[test]
