@@ -562,25 +562,35 @@ impl KnownNodes {
     }
 }
 
-/// The image files QEMU has open. From `x-debug-query-block-graph` alone
-/// (one cheap call at any depth) when every node in it is `known` or the
-/// `file` child of a known node; otherwise from a [`read`].
-pub async fn open_files(client: &Client, known: &KnownNodes) -> Result<HashSet<PathBuf>> {
-    let graph = match client
+/// QEMU's nodes and edges, names only (`x-debug-query-block-graph`): cheap
+/// at any depth, read once after an operation for both the check before a
+/// file removal and the [`NodeMap`].
+#[derive(Debug)]
+pub struct Layout(DebugGraph);
+
+/// QEMU's [`Layout`]; `None` when this QEMU lacks the (unstable) command.
+pub async fn read_layout(client: &Client) -> Result<Option<Layout>> {
+    match client
         .execute_raw("x-debug-query-block-graph", Value::Null)
         .await
     {
-        Ok(v) => decode::<DebugGraph>("x-debug-query-block-graph", v)?,
-        Err(e) if e.qmp_class() == Some("CommandNotFound") => return open_files_read(client).await,
-        Err(e) => return Err(e.into()),
-    };
-    match files_of_known(&graph, known) {
-        Some(files) => Ok(files),
-        None => open_files_read(client).await,
+        Ok(v) => Ok(Some(Layout(decode("x-debug-query-block-graph", v)?))),
+        Err(e) if e.qmp_class() == Some("CommandNotFound") => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
-async fn open_files_read(client: &Client) -> Result<HashSet<PathBuf>> {
+/// The image files QEMU has open: from `layout`'s node names alone when
+/// every node in it is `known` or the `file` child of a known node;
+/// otherwise from a [`read`].
+pub async fn open_files(
+    client: &Client,
+    known: &KnownNodes,
+    layout: Option<&Layout>,
+) -> Result<HashSet<PathBuf>> {
+    if let Some(files) = layout.and_then(|l| files_of_known(&l.0, known)) {
+        return Ok(files);
+    }
     let live = read(client).await?;
     Ok(KnownNodes::of(&live).images.into_values().collect())
 }
@@ -768,21 +778,15 @@ fn mapped_chains(
 }
 
 /// The [`NodeMap`] after an operation: the nodes of every device's chain in
-/// the graph QEMU has now, each with its file as `known` says. `None` when
-/// QEMU's process cannot be identified or a chain node is not known.
-pub async fn map_nodes(client: &Client, known: &KnownNodes) -> Result<Option<NodeMap>> {
-    let Some(qemu) = QemuProcess::of(client) else {
-        return Ok(None);
-    };
-    let graph = match client
-        .execute_raw("x-debug-query-block-graph", Value::Null)
-        .await
-    {
-        Ok(v) => decode::<DebugGraph>("x-debug-query-block-graph", v)?,
-        Err(e) if e.qmp_class() == Some("CommandNotFound") => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    Ok(chain_files(&graph, known).map(|nodes| NodeMap { qemu, nodes }))
+/// `layout` (QEMU's graph now), each with its file as `known` says. `None`
+/// when QEMU's process is not known or a chain node is not.
+pub fn map_nodes(
+    qemu: Option<QemuProcess>,
+    layout: &Layout,
+    known: &KnownNodes,
+) -> Option<NodeMap> {
+    let qemu = qemu?;
+    chain_files(&layout.0, known).map(|nodes| NodeMap { qemu, nodes })
 }
 
 /// Each device chain's node with its file; `None` when a node below a known

@@ -62,6 +62,9 @@ pub(crate) struct Executor<'a> {
     pub known: KnownNodes,
     /// The files QEMU has open, read once before the first file removal.
     open_files: Option<HashSet<PathBuf>>,
+    /// QEMU's node names as read for that check; dropped by any later step
+    /// that may change the graph (kept for the node map after the run).
+    pub layout: Option<graph::Layout>,
     pub warnings: Vec<String>,
     pub removed: Vec<PathBuf>,
 }
@@ -97,6 +100,7 @@ impl<'a> Executor<'a> {
             recorded: false,
             known: planned_on.map(KnownNodes::of).unwrap_or_default(),
             open_files: None,
+            layout: None,
             warnings: Vec::new(),
             removed: Vec::new(),
         }
@@ -214,6 +218,12 @@ impl<'a> Executor<'a> {
     ) -> Result<()> {
         if !self.switched {
             self.interrupt().check()?;
+        }
+        if matches!(
+            step,
+            Step::Qmp { .. } | Step::AwaitJobs { .. } | Step::ReleaseNode { .. }
+        ) {
+            self.layout = None;
         }
         match step {
             Step::CreateOverlay {
@@ -350,7 +360,11 @@ impl<'a> Executor<'a> {
         if self.open_files.is_none()
             && let Some(client) = self.client
         {
-            self.open_files = Some(graph::open_files(client, &self.known).await?);
+            if self.layout.is_none() {
+                self.layout = graph::read_layout(client).await?;
+            }
+            self.open_files =
+                Some(graph::open_files(client, &self.known, self.layout.as_ref()).await?);
         }
         if self
             .open_files

@@ -809,12 +809,15 @@ impl<'a> Context<'a> {
 
     /// The operation is done: its journal entry goes, the record is saved,
     /// with the nodes QEMU now has for the disks' chains when it runs.
-    pub async fn finish(&mut self, begun: Begun<'_>) -> Result<Outcome> {
+    pub async fn finish(&mut self, mut begun: Begun<'_>) -> Result<Outcome> {
         if let Some(client) = self.client {
-            self.record.node_map = graph::map_nodes(client, &begun.exec.known)
-                .await
-                .ok()
-                .flatten();
+            let layout = match begun.exec.layout.take() {
+                Some(layout) => Some(layout),
+                None => graph::read_layout(client).await.ok().flatten(),
+            };
+            self.record.node_map = layout.and_then(|l| {
+                graph::map_nodes(graph::QemuProcess::of(client), &l, &begun.exec.known)
+            });
         }
         self.lock.resolve(self.record, begun.journal)?;
         Ok(Outcome {
