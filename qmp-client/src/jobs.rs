@@ -157,6 +157,10 @@ pub struct Job {
     /// with QEMU's default `auto-dismiss: true` leaves `query-jobs` in the same
     /// main-loop turn as it concludes, taking its `error` with it.
     event_error: Option<String>,
+    /// Its `BLOCK_JOB_COMPLETED` event was seen: QEMU sends it, with the
+    /// error when the job failed, before the job concludes, so the outcome
+    /// is known without asking `query-jobs`.
+    completed_event: bool,
 }
 
 impl Job {
@@ -167,6 +171,7 @@ impl Job {
             events,
             status,
             event_error: None,
+            completed_event: false,
         }
     }
 
@@ -262,6 +267,7 @@ impl Job {
                         }
                     }
                     "BLOCK_JOB_COMPLETED" if event.str("device") == Some(&self.id) => {
+                        self.completed_event = true;
                         if let Some(error) = event.str("error") {
                             self.event_error = Some(error.to_owned());
                         }
@@ -277,12 +283,15 @@ impl Job {
     }
 
     /// Waits for `concluded` and returns the job's error text (`None` on success).
+    /// For a block job whose `BLOCK_JOB_COMPLETED` event was seen, that event
+    /// says it; otherwise `query-jobs` does.
     ///
     /// When the connection closes right after the job concluded, before its
     /// `query-jobs` entry could be read (a relay whose owner finished with the
     /// job, say), the error is the one its `BLOCK_JOB_COMPLETED` event carried.
     pub async fn wait_concluded(&mut self, timeout: Duration) -> Result<Option<String>> {
         match self.wait_for(&[JobStatus::Concluded], timeout).await {
+            Ok(_) if self.completed_event => Ok(self.event_error.clone()),
             Ok(_) => match self.error().await {
                 Err(e) if e.is_closed() => Ok(self.event_error.clone()),
                 other => other,
