@@ -4,8 +4,10 @@
 //! The example starts eight paused QEMUs (TCG, no guest; one 64 MiB qcow2 disk
 //! each), then, concurrently for every VM: snapshot `golden`, write over the
 //! disk, revert to `golden`, check the disk reads golden's bytes again, delete
-//! `golden`. It
-//! prints each VM's timings and the total.
+//! `golden`. It prints each VM's timings and the total. Then, the VMs now
+//! registered, it times one VM's `create` alone and then one `create` on
+//! every VM at once (a session each, as a harness resetting many VMs does),
+//! and prints both and their ratio.
 //!
 //! ```text
 //! cargo run --release -p snapctl --example fleet [VMS]
@@ -31,6 +33,39 @@ struct Timings {
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
+}
+
+/// One `create` on a registered VM, from opening its session.
+async fn create_one(
+    store: &Store,
+    vm: String,
+    socket: std::path::PathBuf,
+    name: &str,
+) -> snapctl::Result<()> {
+    let mut session = Session::open(store, &vm, &SessionOptions::socket(socket)).await?;
+    session
+        .create(&CreateOptions::named(name), &RunOptions::default())
+        .await?;
+    Ok(())
+}
+
+/// `create NAME` on every VM of `vms` at once; the milliseconds it took.
+async fn create_all(store: &Store, vms: &[(String, std::path::PathBuf)], name: &str) -> f64 {
+    let started = Instant::now();
+    let runs = vms
+        .iter()
+        .map(|(vm, socket)| {
+            let (store, vm, socket, name) =
+                (store.clone(), vm.clone(), socket.clone(), name.to_owned());
+            tokio::spawn(async move { create_one(&store, vm, socket, &name).await })
+        })
+        .collect::<Vec<_>>();
+    for run in runs {
+        if let Err(e) = run.await.expect("the create task ran") {
+            panic!("{e}");
+        }
+    }
+    ms(started)
 }
 
 /// Snapshot, write, revert, verify, delete: one harness cycle on one VM.
@@ -108,7 +143,8 @@ async fn main() {
 
     let started = Instant::now();
     let runs = vms
-        .into_iter()
+        .iter()
+        .cloned()
         .map(|(vm, socket)| {
             let store = store.clone();
             tokio::spawn(async move { cycle(&store, vm, socket).await })
@@ -133,6 +169,23 @@ async fn main() {
         );
     }
     println!("{count} VMs, every cycle at once: {total:.1} ms in total");
+
+    // The median of three: one VM's create alone, then every VM's at once.
+    let mut alone = Vec::new();
+    let mut together = Vec::new();
+    for round in 0..3 {
+        alone.push(create_all(&store, &vms[..1], &format!("alone{round}")).await);
+        together.push(create_all(&store, &vms, &format!("together{round}")).await);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (alone, together) = (median(&mut alone), median(&mut together));
+    println!(
+        "one create, 1 VM: {alone:.1} ms; one create on each of {count} VMs at once: {together:.1} ms ({:.1}x)",
+        together / alone
+    );
     for mut q in qemus {
         q.quit_or_kill(Duration::from_secs(5));
     }
