@@ -191,9 +191,9 @@ impl Session {
     }
 
     async fn plan_merge_back(&mut self, name: &str, bandwidth: u64) -> Result<Plan> {
-        let record = self.record.clone();
-        let facts = self.facts(&HostFiles).await?;
-        plan::delete::plan_merge_back(&record, &facts, name, bandwidth)
+        self.read_graph(true).await?;
+        let facts = self.facts(&HostFiles, true);
+        plan::delete::plan_merge_back(&self.record, &facts, name, bandwidth)
     }
 
     /// Rolls back a backup left in progress: the copies are removed and the

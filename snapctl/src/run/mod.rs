@@ -438,15 +438,17 @@ impl Session {
         Ok(self.running)
     }
 
-    /// The facts a merge (delete, commit, pull) is planned on. Its graph
-    /// comes from the node names alone ([`graph::read_mapped`]) when the
-    /// record's node map holds for this QEMU: a merge needs each layer's node
-    /// and file, not QEMU's description of every layer, whose cost grows
-    /// with the square of the chain's depth. Otherwise, [`Session::facts`].
-    async fn merge_facts<'h>(&'h mut self, host: &'h dyn Host) -> Result<Facts<'h>> {
+    /// Reads QEMU's graph for a plan, once. A merge (delete, commit, pull)
+    /// reads it from the node names alone ([`graph::read_mapped`]) when the
+    /// record's node map holds for this QEMU: it needs each layer's node and
+    /// file, not QEMU's description of every layer, whose cost grows with the
+    /// square of the chain's depth. Other plans, and a merge the map cannot
+    /// serve, read [`Session::live`].
+    async fn read_graph(&mut self, merge: bool) -> Result<()> {
         // An open journal entry means an operation stopped half-way: its
         // nodes are not in the map.
-        if self.live.is_none()
+        if merge
+            && self.live.is_none()
             && self.mapped.is_none()
             && self.record.journal.is_empty()
             && let (Some(client), Some(map)) = (&self.client, &self.record.node_map)
@@ -464,59 +466,55 @@ impl Session {
             };
             self.mapped = graph::read_mapped(client, map, &disks, &layer).await?;
         }
-        if self.mapped.is_none() {
-            return self.facts(host).await;
+        if !merge || self.mapped.is_none() {
+            self.live().await?;
         }
-        Ok(Facts {
-            live: self.mapped.as_ref(),
+        Ok(())
+    }
+
+    /// What a plan is made from, as read by [`Session::read_graph`] (with
+    /// `merge`, the node-name graph when there is one).
+    fn facts<'h>(&'h self, host: &'h dyn Host, merge: bool) -> Facts<'h> {
+        let live = match merge {
+            true => self.mapped.as_ref().or(self.live.as_ref()),
+            false => self.live.as_ref(),
+        };
+        Facts {
+            live,
             running: self.running,
             now: jiff::Timestamp::now(),
             host,
-        })
-    }
-
-    async fn facts<'h>(&'h mut self, host: &'h dyn Host) -> Result<Facts<'h>> {
-        let running = self.running;
-        Ok(Facts {
-            live: self.live().await?,
-            running,
-            now: jiff::Timestamp::now(),
-            host,
-        })
+        }
     }
 
     /// Plans `create` (registering the VM's disks first, in memory).
     /// With QEMU stopped, a registered VM's snapshot is taken offline.
     pub async fn plan_create(&mut self, opts: &plan::create::CreateOptions) -> Result<Plan> {
         crate::names::validate_snapshot_name(&opts.name)?;
-        self.plan_create_on_live(opts).await
-    }
-
-    async fn plan_create_on_live(&mut self, opts: &plan::create::CreateOptions) -> Result<Plan> {
         if self.client.is_some() {
             self.register().await?;
             self.run_state().await?;
         } else if !self.is_registered() {
             self.running_client()?;
         }
-        let record = self.record.clone();
-        let facts = self.facts(&HostFiles).await?;
+        self.read_graph(false).await?;
+        let (record, facts) = (&self.record, self.facts(&HostFiles, false));
         if opts.internal {
-            return plan::internal::plan_save(&record, &facts, opts);
+            return plan::internal::plan_save(record, &facts, opts);
         }
-        plan::create::plan(&record, &facts, opts)
+        plan::create::plan(record, &facts, opts)
     }
 
     /// Plans a revert to `name`; a live revert leaves the guest running or
     /// paused as `after` says (by default as it was).
     pub async fn plan_revert(&mut self, name: &str, after: plan::revert::RunAfter) -> Result<Plan> {
         self.run_state().await?;
-        let record = self.record.clone();
-        let facts = self.facts(&HostFiles).await?;
+        self.read_graph(false).await?;
+        let (record, facts) = (&self.record, self.facts(&HostFiles, false));
         if record.snapshot_named(name)?.internal.is_some() {
-            return plan::internal::plan_load(&record, &facts, name, after);
+            return plan::internal::plan_load(record, &facts, name, after);
         }
-        plan::revert::plan(&record, &facts, name, after)
+        plan::revert::plan(record, &facts, name, after)
     }
 
     /// Plans deleting `name` (only the name with `metadata_only`).
@@ -526,12 +524,12 @@ impl Session {
         metadata_only: bool,
         bandwidth: u64,
     ) -> Result<Plan> {
-        let record = self.record.clone();
-        let facts = self.merge_facts(&HostFiles).await?;
+        self.read_graph(true).await?;
+        let (record, facts) = (&self.record, self.facts(&HostFiles, true));
         if record.snapshot_named(name)?.internal.is_some() {
-            return plan::internal::plan_delete(&record, &facts, name, metadata_only);
+            return plan::internal::plan_delete(record, &facts, name, metadata_only);
         }
-        plan::delete::plan(&record, &facts, name, metadata_only, bandwidth)
+        plan::delete::plan(record, &facts, name, metadata_only, bandwidth)
     }
 
     /// Plans `clone NAME --to VM --dir DIR`.
@@ -541,9 +539,9 @@ impl Session {
                 "vm {to} already has a record: choose another name, or `snapctl --vm {to} forget` it"
             )));
         }
-        let record = self.record.clone();
-        let facts = self.facts(&HostFiles).await?;
-        plan::clone::plan(&record, &facts, name, to, dir)
+        self.read_graph(false).await?;
+        let (record, facts) = (&self.record, self.facts(&HostFiles, false));
+        plan::clone::plan(record, &facts, name, to, dir)
     }
 
     /// Drops this VM's record, and with `files` the images it owns that no
@@ -613,9 +611,9 @@ impl Session {
 
     /// Plans an export of one disk as of a snapshot.
     pub async fn plan_export(&mut self, opts: &plan::export::ExportOptions) -> Result<Plan> {
-        let record = self.record.clone();
-        let facts = self.facts(&HostFiles).await?;
-        plan::export::plan(&record, &facts, opts)
+        self.read_graph(false).await?;
+        let (record, facts) = (&self.record, self.facts(&HostFiles, false));
+        plan::export::plan(record, &facts, opts)
     }
 
     /// Plans `commit DISK [--top T] [--base B]`.
@@ -626,9 +624,9 @@ impl Session {
         base: Option<&str>,
         bandwidth: u64,
     ) -> Result<Plan> {
-        let record = self.record.clone();
-        let facts = self.merge_facts(&HostFiles).await?;
-        plan::merge::plan_commit(&record, &facts, disk, top, base, bandwidth)
+        self.read_graph(true).await?;
+        let (record, facts) = (&self.record, self.facts(&HostFiles, true));
+        plan::merge::plan_commit(record, &facts, disk, top, base, bandwidth)
     }
 
     /// Plans `pull DISK [--base B]`.
@@ -638,9 +636,9 @@ impl Session {
         base: Option<&str>,
         bandwidth: u64,
     ) -> Result<Plan> {
-        let record = self.record.clone();
-        let facts = self.merge_facts(&HostFiles).await?;
-        plan::merge::plan_pull(&record, &facts, disk, base, bandwidth)
+        self.read_graph(true).await?;
+        let (record, facts) = (&self.record, self.facts(&HostFiles, true));
+        plan::merge::plan_pull(record, &facts, disk, base, bandwidth)
     }
 
     /// Runs a plan made by this session. The record is updated (and saved) as
