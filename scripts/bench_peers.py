@@ -37,9 +37,10 @@ sides alternating which goes first:
   --strace-runs extra deletes of the same kind run under `strace -f -ttt -T`
   with SNAPCTL_LOG=debug to split snapctl's delete into phases (see
   delete_phases).
-gib: an active commit of MIB MiB of written data over an image holding MIB MiB
-  (both layers fully written, so snapctl commits rather than streams). Per run:
-  snapctl   a QEMU on a foreign empty base, `snapctl create g0`, MIB MiB
+gib: an active commit of MIB MiB of written data over an image holding MIB +
+  64 MiB (a disk of MIB + 64 MiB, the lower layer written whole, so that the
+  upper one holds less and snapctl commits rather than streams). Per run:
+  snapctl   a QEMU on a foreign empty base, `snapctl create g0`, MIB + 64 MiB
             written into g0's overlay, `snapctl create g1`, MIB MiB written
             into g1's overlay (all untimed), then `snapctl delete g1` timed;
   qemu-img  the same chain made offline with qemu-img and qemu-io, then
@@ -584,19 +585,20 @@ def ret_ok(text):
 
 def cmd_gib(a):
     mib = a.mib
+    size = (mib + 64) << 20
     res = {"snapctl": [], "snapctl_rss_kib": [], "qemu_img": [], "dd": []}
     merges = set()
     for i in range(a.runs):
         def ours():
             d = fresh_dir(os.path.join(a.dir, "live"))
             base = os.path.join(d, "base.qcow2")
-            qcow2(base)
+            qcow2(base, size=size)
             q = Qemu([base], d)
             try:
                 s = Snapctl(a.snapctl, os.path.join(d, "state"), q.sock, out_dir=d)
                 s.run("init")
                 s.run("create", "g0")
-                q.qmp.write(mib, 0x44)
+                q.qmp.write(mib + 64, 0x44)
                 s.run("create", "g1")
                 q.qmp.write(mib, 0x55)
                 os.sync()
@@ -611,9 +613,9 @@ def cmd_gib(a):
         def theirs():
             d = fresh_dir(os.path.join(a.dir, "offline"))
             base, mid, top = (os.path.join(d, f) for f in ("base.qcow2", "mid.qcow2", "top.qcow2"))
-            qcow2(base)
+            qcow2(base, size=size)
             qcow2(mid, base)
-            qemu_io_write(mid, mib, 0x44)
+            qemu_io_write(mid, mib + 64, 0x44)
             qcow2(top, mid)
             qemu_io_write(top, mib, 0x55)
             os.sync()
