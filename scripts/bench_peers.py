@@ -115,9 +115,9 @@ def sh(argv, **kw):
     return p.stdout
 
 
-def spawn(argv, env=None, out=None):
+def spawn(argv, env=None, out=None, err=None):
     return subprocess.Popen(argv, env=env, stdout=out or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT if out else subprocess.DEVNULL,
+                            stderr=err or (subprocess.STDOUT if out else subprocess.DEVNULL),
                             stdin=subprocess.DEVNULL)
 
 
@@ -129,16 +129,19 @@ def reap(p):
 
 
 def timed(argv, env=None, out_path=None):
-    """Runs argv once; returns (elapsed ms, exit status, peak RSS KiB)."""
+    """Runs argv once; returns (elapsed ms, exit status, peak RSS KiB). With
+    out_path, stdout goes there and stderr to out_path + ".err"."""
     out = open(out_path, "wb") if out_path else None
+    err = open(out_path + ".err", "wb") if out_path else None
     try:
         t0 = now()
-        p = spawn(argv, env, out)
+        p = spawn(argv, env, out, err)
         rc, rss = reap(p)
         return (now() - t0) / 1e6, rc, rss
     finally:
         if out:
             out.close()
+            err.close()
 
 
 def snap_env(state, sock=None, vm=VM):
@@ -159,11 +162,15 @@ class Snapctl:
         env = dict(self.env, **(env_extra or {}))
         ms, rc, rss = timed([*wrap, self.binary, *argv], env, self.out)
         if rc != 0:
-            die(f"snapctl {' '.join(argv)} exited {rc}: {self.text().strip()[-2000:]}")
+            die(f"snapctl {' '.join(argv)} exited {rc}: {self.text(True).strip()[-2000:]}")
         return ms, rss
 
-    def text(self):
-        return open(self.out, errors="replace").read()
+    def text(self, stderr=False):
+        """What the last run printed on stdout (stderr: on stderr too)."""
+        text = open(self.out, errors="replace").read()
+        if stderr:
+            text += open(self.out + ".err", errors="replace").read()
+        return text
 
 
 class Qmp:
@@ -401,7 +408,7 @@ def cmd_live(a):
                 s.run("delete", name, env_extra={"SNAPCTL_LOG": "debug"},
                       wrap=["strace", "-f", "-q", "-ttt", "-T", "-s", "256",
                             "-e", "trace=" + STRACE_SYSCALLS, "-e", "signal=none", "-o", trace])
-                ph = delete_phases(trace, s.text())
+                ph = delete_phases(trace, s.text(True))
                 if ph is None:
                     die(f"could not read the strace output {trace}")
                 traces.append(ph)
@@ -845,13 +852,14 @@ def cmd_fleet(a):
 
             def many():
                 t0 = now()
-                procs = [(c, spawn([c.binary, "create", f"b{i}"], c.env, open(c.out, "wb")))
+                procs = [(c, spawn([c.binary, "create", f"b{i}"], c.env, open(c.out, "wb"),
+                                   open(c.out + ".err", "wb")))
                          for c in clis]
                 rss = []
                 for c, p in procs:
                     rc, r = reap(p)
                     if rc != 0:
-                        die(f"concurrent create on {c.env['SNAPCTL_VM']} exited {rc}: {c.text()}")
+                        die(f"concurrent create on {c.env['SNAPCTL_VM']} exited {rc}: {c.text(True)}")
                     rss.append(r)
                 return (now() - t0) / 1e6, max(rss)
 
@@ -956,7 +964,7 @@ def cmd_big(a):
     for i in range(a.runs + 1):
         ms, rc, rss = timed([s.binary, "create", f"new{i}"], s.env, s.out)
         if rc != 0:
-            create["error"] = s.text().strip()
+            create["error"] = s.text(True).strip()
             log(f"offline create on the {a.snapshots}-snapshot record failed: {create['error']}")
             break
         if i:
