@@ -89,6 +89,10 @@ def qmp_rows(t, d):
     ratio = med(p50) / med(qcpu) if qcpu else float("nan")
     t.add(1, "QMP round trip, qmp-client sequential: p50", fmt_ms(p50, "us"),
           "QEMU's CPU per call", fmt_ms(qcpu, "us"), ratio, "<= 1.2x", ratio <= 1.2)
+    if all(r.get("floor") for r in rust):
+        fp50 = vals(rust, "floor", "p50_us")
+        t.add(1, "  (same p50)", fmt_ms(p50, "us"), "floor: blocking client, same bytes",
+              fmt_ms(fp50, "us"), med(p50) / med(fp50))
     ours = vals(rust, "sequential", "per_second")
     theirs = vals(py, "sequential", "per_second")
     t.add(1, "qmp-client sequential, round trips/s", fmt_ms(ours, "/s"),
