@@ -61,7 +61,9 @@ revert: snapctl side: a QEMU on a foreign base, `snapctl create r1`, then
   `qemu-img create` a fresh overlay on the same base, start a new QEMU on it
   and connect until `query-status` answers: timed from the kill to that reply.
 fleet: snapctl/examples/fleet.rs with 1 VM and with VMS VMs (its printed total:
-  create, write, revert, check, delete on every VM at once, one process), then
+  create, write, revert, check, delete on every VM at once, one process; and,
+  from the VMS run, its median of one create alone against one on every VM at
+  once, when it prints them), then
   VMS paused QEMUs registered with `snapctl init`: `snapctl create` on one of
   them, and VMS `snapctl create` processes started at once, one per VM (timed
   from the first start to the last reaping), alternating.
@@ -812,7 +814,8 @@ def cmd_revert(a):
 
 
 def cmd_fleet(a):
-    res = {"fleet_1": [], "fleet_n": [], "cli_1": [], "cli_n": [], "cli_n_rss_kib": []}
+    res = {"fleet_1": [], "fleet_n": [], "cli_1": [], "cli_n": [], "cli_n_rss_kib": [],
+           "lib_1": [], "lib_n": []}
     fleet_out = os.path.join(a.dir, "fleet.out")
     os.makedirs(a.dir, exist_ok=True)
 
@@ -822,6 +825,12 @@ def cmd_fleet(a):
         m = re.search(r"every cycle at once: ([\d.]+) ms", text)
         if rc != 0 or not m:
             die(f"fleet {n} exited {rc}: {text[-2000:]}")
+        # Newer versions also time one create alone against one on every VM at once.
+        c = re.search(r"one create, 1 VM: ([\d.]+) ms; one create on each of \d+ VMs at once: "
+                      r"([\d.]+) ms", text)
+        if c and n == a.vms:
+            res["lib_1"].append(float(c.group(1)))
+            res["lib_n"].append(float(c.group(2)))
         return float(m.group(1))
 
     for i in range(a.runs):

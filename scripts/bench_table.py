@@ -177,6 +177,10 @@ def peer_rows(t, d, phases_out):
         r, n = fl["results"], fl["vms"]
         t.add(7, f"fleet example (library), {n} VMs at once", fmt_ms(r["fleet_n"]),
               "1 VM", fmt_ms(r["fleet_1"]), med(r["fleet_n"]) / med(r["fleet_1"]))
+        if r.get("lib_n"):
+            ratio = med(r["lib_n"]) / med(r["lib_1"])
+            t.add(7, f"{n} creates at once (library, fleet example)", fmt_ms(r["lib_n"]),
+                  "one create, 1 VM", fmt_ms(r["lib_1"]), ratio, "< 8x", ratio < 8)
         ratio = med(r["cli_n"]) / med(r["cli_1"])
         t.add(7, f"{n} concurrent `snapctl create` (CLI, {n} VMs)",
               fmt_ms(r["cli_n"]) + rss(r["cli_n_rss_kib"]), "one create, 1 VM",
