@@ -206,7 +206,7 @@ pub fn show(record: &Record, s: &Snapshot, as_json: bool) -> io::Result<()> {
     if !v.children.is_empty() {
         writeln!(out, "children:    {}", v.children.join(", "))?;
     }
-    for (disk, image) in &v.disks {
+    for (disk, image) in v.disks {
         writeln!(out, "disk {disk}:    {}", image.image.display())?;
     }
     Ok(())

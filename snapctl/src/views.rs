@@ -36,8 +36,8 @@ pub struct SnapshotView<'a> {
     /// A checkpoint's memory state: the file and its size on disk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryView<'a>>,
-    /// Per disk, the frozen image.
-    pub disks: BTreeMap<&'a str, FrozenImage<'a>>,
+    /// Per disk, the frozen image (`{"vda": {"image": PATH}}`).
+    pub disks: &'a crate::record::SnapshotDisks,
     pub children: Vec<&'a str>,
 }
 
@@ -47,11 +47,6 @@ pub struct MemoryView<'a> {
     pub file: &'a Path,
     /// Its size; `null` when the file cannot be read.
     pub bytes: Option<u64>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct FrozenImage<'a> {
-    pub image: &'a Path,
 }
 
 impl<'a> SnapshotView<'a> {
@@ -68,11 +63,7 @@ impl<'a> SnapshotView<'a> {
                 bytes: std::fs::metadata(&m.path).ok().map(|md| md.len()),
             }),
             current: record.current.as_deref() == Some(s.name.as_str()),
-            disks: s
-                .disks
-                .iter()
-                .map(|(d, sd)| (d.as_str(), FrozenImage { image: &sd.image }))
-                .collect(),
+            disks: &s.disks,
             children: children.iter().map(|c| c.name.as_str()).collect(),
         }
     }
