@@ -4,7 +4,7 @@
 //! Sources: `query-block` describes each device's chain layer by layer and
 //! `x-debug-query-block-graph` names every node and edge ([`read`]); when
 //! that is not enough, `query-named-block-nodes` describes every node
-//! ([`read_full`]).
+//! (`read_full`).
 //!
 //! Disks opened with `-blockdev` per layer and with legacy `-drive` (automatic
 //! `#blockNNN` node names) read the same way.
@@ -329,7 +329,7 @@ fn qdev_id(qdev: &str) -> Option<(String, bool)> {
 /// This leaves out `query-named-block-nodes`, which describes every node and
 /// costs the most on a deep chain (QEMU refreshes every node's file name,
 /// and each refresh walks the chain below it). It is read too, as
-/// [`read_full`] does, when the pairing cannot be trusted or is not enough:
+/// `read_full` does, when the pairing cannot be trusted or is not enough:
 /// a block job runs (its implicit filters hide from `query-block`), a node
 /// stands in no device's chain (an image left open that only the full read
 /// names), or the two walks disagree.
@@ -531,7 +531,7 @@ pub struct KnownNodes {
 }
 
 impl KnownNodes {
-    /// The layers of `live` (a graph read by [`read`] or [`read_full`]).
+    /// The layers of `live` (a graph read by [`read`] or `read_full`).
     pub fn of(live: &LiveGraph) -> KnownNodes {
         let layers = live
             .disks

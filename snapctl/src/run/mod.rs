@@ -204,7 +204,7 @@ pub struct Session {
     /// QEMU's graph and the guest's run state, read once and forgotten when an
     /// operation changes them.
     live: Option<LiveGraph>,
-    /// The graph a merge reads from node names alone ([`Session::merge_facts`]):
+    /// The graph a merge reads from node names alone ([`Session::read_graph`]):
     /// kept apart from `live`, as its layers carry no bitmaps.
     mapped: Option<LiveGraph>,
     running: Option<bool>,
