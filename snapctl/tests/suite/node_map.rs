@@ -58,7 +58,9 @@ fn merges_find_their_nodes_by_name_while_the_graph_is_snapctls() {
     let mut reads = LiveReads::default();
     reads.expect(&mut vm, "after delete s2", &history);
 
-    // Another QEMU process: the same names need not be the same nodes.
+    // Another QEMU process: the same names need not be the same nodes. (Its
+    // backing layers are opened read-only, as qemu-args gives them: the
+    // delete's merge writes into one, which QEMU must be able to reopen.)
     let args: Vec<String> = serde_json::from_value(vm.snapctl.args(["qemu-args"]).json()).unwrap();
     vm.quit();
     reads.assert_ok(&vm);
