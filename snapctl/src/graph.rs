@@ -85,6 +85,25 @@ pub struct LiveDisk {
 }
 
 impl LiveDisk {
+    /// The disk of a `query-block` entry (`qdev`, `device`, `removable`)
+    /// with its chain; `None` for a backend no device is attached to.
+    fn of_block(
+        qdev: Option<String>,
+        device: String,
+        removable: bool,
+        chain: Vec<LiveLayer>,
+    ) -> Option<LiveDisk> {
+        let (id, anonymous) = qdev.as_deref().and_then(qdev_id)?;
+        Some(LiveDisk::new(
+            id,
+            qdev.unwrap_or_default(),
+            device,
+            removable,
+            anonymous,
+            chain,
+        ))
+    }
+
     /// A disk as `query-block` shows it, with its chain (active image first);
     /// it is read-only when its active image is.
     fn new(
@@ -350,9 +369,12 @@ pub async fn read(client: &Client) -> Result<LiveGraph> {
     }
 }
 
-/// The debug graph indexed for walking: each node's edges to its children.
+/// The debug graph indexed for walking: each node's edges to its children
+/// and from its parents, and the devices' root nodes.
 struct DebugIndex<'a> {
+    graph: &'a DebugGraph,
     children: HashMap<&'a str, Vec<&'a DebugEdge>>,
+    parents: HashMap<&'a str, Vec<&'a DebugEdge>>,
     names: HashMap<u64, &'a str>,
 }
 
@@ -364,12 +386,33 @@ impl<'a> DebugIndex<'a> {
             .map(|n| (n.id, n.name.as_str()))
             .collect();
         let mut children: HashMap<&str, Vec<&DebugEdge>> = HashMap::new();
+        let mut parents: HashMap<&str, Vec<&DebugEdge>> = HashMap::new();
         for e in &graph.edges {
-            if let Some(parent) = names.get(&e.parent) {
+            if let (Some(parent), Some(child)) = (names.get(&e.parent), names.get(&e.child)) {
                 children.entry(parent).or_default().push(e);
+                parents.entry(child).or_default().push(e);
             }
         }
-        DebugIndex { children, names }
+        DebugIndex {
+            graph,
+            children,
+            parents,
+            names,
+        }
+    }
+
+    /// Whether a block job runs (its nodes make any name-only walk unsure).
+    fn has_jobs(&self) -> bool {
+        self.graph.nodes.iter().any(|n| n.kind == "block-job")
+    }
+
+    /// The names of all format, protocol and filter nodes.
+    fn block_drivers(&self) -> impl Iterator<Item = &'a str> + 'a {
+        self.graph
+            .nodes
+            .iter()
+            .filter(|n| n.kind == "block-driver")
+            .map(|n| n.name.as_str())
     }
 
     /// `node`'s child by the edge named `edge`, with the permissions held on it.
@@ -378,23 +421,56 @@ impl<'a> DebugIndex<'a> {
         Some((self.names.get(&e.child)?, &e.perm))
     }
 
-    /// The nodes `node` has as children, by any edge.
-    fn edges_from(&self, node: &str) -> impl Iterator<Item = &'a str> + '_ {
-        self.children
-            .get(node)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| self.names.get(&e.child).copied())
+    /// `node`'s parent by the edge named `edge`.
+    fn parent(&self, node: &str, edge: &str) -> Option<&'a str> {
+        let e = self.parents.get(node)?.iter().find(|e| e.name == edge)?;
+        self.names.get(&e.parent).copied()
+    }
+
+    /// Each block backend's root node, with the backend's name (a device's
+    /// QOM path, or a `-drive` id).
+    fn device_roots(&self) -> HashMap<&'a str, &'a str> {
+        let kind: HashMap<u64, &str> = self
+            .graph
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.kind.as_str()))
+            .collect();
+        self.graph
+            .edges
+            .iter()
+            .filter(|e| e.name == "root" && kind.get(&e.parent) == Some(&"block-backend"))
+            .filter_map(|e| Some((*self.names.get(&e.child)?, *self.names.get(&e.parent)?)))
+            .collect()
+    }
+
+    /// Whether some node stands below none of `roots`: only the full read
+    /// says what file such a node (one left open, an export's) has open.
+    fn has_strays<'r>(&self, roots: impl IntoIterator<Item = &'r str>) -> bool {
+        let mut reached: HashSet<&str> = HashSet::new();
+        let mut todo: Vec<&str> = roots.into_iter().collect();
+        while let Some(node) = todo.pop() {
+            if reached.insert(node) {
+                todo.extend(
+                    self.children
+                        .get(node)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|e| self.names.get(&e.child).copied()),
+                );
+            }
+        }
+        self.block_drivers().any(|n| !reached.contains(n))
     }
 }
 
 /// Pairs each device's `query-block` chain with the debug graph's nodes;
 /// `None` when that cannot be trusted (see [`read`]).
 fn pair_chains(blocks: Vec<ChainBlockInfo>, graph: DebugGraph) -> Option<LiveGraph> {
-    if graph.nodes.iter().any(|n| n.kind == "block-job") {
+    let index = DebugIndex::new(&graph);
+    if index.has_jobs() {
         return None;
     }
-    let index = DebugIndex::new(&graph);
     let mut disks = BTreeMap::new();
     let mut nodes = BTreeMap::new();
     let mut roots = Vec::new();
@@ -454,44 +530,17 @@ fn pair_chains(blocks: Vec<ChainBlockInfo>, graph: DebugGraph) -> Option<LiveGra
                 }
             }
         }
-        let Some((id, anonymous)) = block.qdev.as_deref().and_then(qdev_id) else {
-            continue;
-        };
-        let disk = LiveDisk::new(
-            id,
-            block.qdev.clone().unwrap_or_default(),
-            block.device,
-            block.removable,
-            anonymous,
-            chain,
-        );
-        disks.insert(disk.id.clone(), disk);
-    }
-    // Every node must be below a device's root: only the full read says
-    // what file any other node (one left open, an export's) has open.
-    let mut reached: HashSet<&str> = HashSet::new();
-    let mut todo: Vec<&str> = roots.iter().map(String::as_str).collect();
-    while let Some(node) = todo.pop() {
-        if reached.insert(node) {
-            todo.extend(index.edges_from(node));
+        if let Some(disk) = LiveDisk::of_block(block.qdev, block.device, block.removable, chain) {
+            disks.insert(disk.id.clone(), disk);
         }
     }
-    let stray = graph
-        .nodes
-        .iter()
-        .any(|n| n.kind == "block-driver" && !reached.contains(n.name.as_str()));
-    if stray {
+    if index.has_strays(roots.iter().map(String::as_str)) {
         return None;
     }
     Some(LiveGraph {
         disks,
         nodes,
-        node_names: graph
-            .nodes
-            .iter()
-            .filter(|n| n.kind == "block-driver")
-            .map(|n| n.name.clone())
-            .collect(),
+        node_names: index.block_drivers().map(str::to_owned).collect(),
     })
 }
 
@@ -599,20 +648,15 @@ pub async fn open_files(
 fn files_of_known(graph: &DebugGraph, known: &KnownNodes) -> Option<HashSet<PathBuf>> {
     let index = DebugIndex::new(graph);
     let mut files = HashSet::new();
-    for node in graph.nodes.iter().filter(|n| n.kind == "block-driver") {
-        if let Some(file) = known.images.get(&node.name) {
+    for node in index.block_drivers() {
+        if let Some(file) = known.images.get(node) {
             files.insert(file.clone());
             continue;
         }
-        let protocol = known.protocols.contains(&node.name)
-            || graph.edges.iter().any(|e| {
-                e.name == "file"
-                    && index.names.get(&e.child) == Some(&node.name.as_str())
-                    && index
-                        .names
-                        .get(&e.parent)
-                        .is_some_and(|p| known.images.contains_key(*p))
-            });
+        let protocol = known.protocols.contains(node)
+            || index
+                .parent(node, "file")
+                .is_some_and(|p| known.images.contains_key(p));
         if !protocol {
             return None;
         }
@@ -695,21 +739,11 @@ fn mapped_chains(
     disks: &BTreeMap<String, PathBuf>,
     layer: LayerFacts<'_>,
 ) -> Option<LiveGraph> {
-    if graph.nodes.iter().any(|n| n.kind == "block-job") {
+    let index = DebugIndex::new(graph);
+    if index.has_jobs() {
         return None;
     }
-    let index = DebugIndex::new(graph);
-    let by_id: HashMap<u64, &DebugNode> = graph.nodes.iter().map(|n| (n.id, n)).collect();
-    // Each device's root node, by the backend above it.
-    let mut roots: HashMap<&str, &str> = HashMap::new();
-    for e in graph.edges.iter().filter(|e| e.name == "root") {
-        let (Some(parent), Some(child)) = (by_id.get(&e.parent), by_id.get(&e.child)) else {
-            continue;
-        };
-        if parent.kind == "block-backend" {
-            roots.insert(child.name.as_str(), parent.name.as_str());
-        }
-    }
+    let roots = index.device_roots();
     let mut live = LiveGraph::default();
     for (id, active) in disks {
         let (root, backend) = map
@@ -758,22 +792,10 @@ fn mapped_chains(
             LiveDisk::new(id.clone(), qom_path, backend, false, false, chain),
         );
     }
-    // As in `pair_chains`: every node must be below some device.
-    let mut reached: HashSet<&str> = HashSet::new();
-    let mut todo: Vec<&str> = roots.keys().copied().collect();
-    while let Some(node) = todo.pop() {
-        if reached.insert(node) {
-            todo.extend(index.edges_from(node));
-        }
-    }
-    let block_drivers = graph.nodes.iter().filter(|n| n.kind == "block-driver");
-    if block_drivers
-        .clone()
-        .any(|n| !reached.contains(n.name.as_str()))
-    {
+    if index.has_strays(roots.keys().copied()) {
         return None;
     }
-    live.node_names = block_drivers.map(|n| n.name.clone()).collect();
+    live.node_names = index.block_drivers().map(str::to_owned).collect();
     Some(live)
 }
 
@@ -793,29 +815,18 @@ pub fn map_nodes(
 /// root is not known.
 fn chain_files(graph: &DebugGraph, known: &KnownNodes) -> Option<BTreeMap<String, PathBuf>> {
     let index = DebugIndex::new(graph);
-    let by_id: HashMap<u64, &DebugNode> = graph.nodes.iter().map(|n| (n.id, n)).collect();
     let mut nodes = BTreeMap::new();
-    for e in graph.edges.iter().filter(|e| e.name == "root") {
-        let (Some(parent), Some(child)) = (by_id.get(&e.parent), by_id.get(&e.child)) else {
-            continue;
-        };
-        if parent.kind != "block-backend" {
-            continue;
-        }
-        // A device whose root nobody described (a CD drive the plan did not
-        // look at) is left out; below a known root, every node must be known.
-        if !known.images.contains_key(&child.name) {
-            continue;
-        }
-        let mut node = Some(child.name.clone());
+    // A device whose root nobody described (a CD drive the plan did not look
+    // at) is left out; below a known root, every node must be known.
+    let roots = index.device_roots().into_keys();
+    for root in roots.filter(|r| known.images.contains_key(*r)) {
+        let mut node = Some(root);
         while let Some(name) = node {
-            let file = known.images.get(&name)?;
-            if nodes.insert(name.clone(), file.clone()).is_some() {
+            let file = known.images.get(name)?;
+            if nodes.insert(name.to_owned(), file.clone()).is_some() {
                 break;
             }
-            node = index
-                .child(&name, "backing")
-                .map(|(child, _)| child.to_owned());
+            node = index.child(name, "backing").map(|(child, _)| child);
         }
     }
     Some(nodes)
@@ -900,9 +911,6 @@ fn assemble(blocks: Vec<BlockInfo>, nodes: Vec<NodeInfo>, edges: Option<Edges>) 
 
     let mut disks = BTreeMap::new();
     for block in blocks {
-        let Some((id, anonymous)) = block.qdev.as_deref().and_then(qdev_id) else {
-            continue;
-        };
         let mut chain = Vec::new();
         let mut next = block.inserted.as_ref().map(|i| i.node_name.clone());
         // Step down through filters above the active image (their `file` child);
@@ -930,15 +938,9 @@ fn assemble(blocks: Vec<BlockInfo>, nodes: Vec<NodeInfo>, edges: Option<Edges>) 
                 break;
             }
         }
-        let disk = LiveDisk::new(
-            id,
-            block.qdev.clone().unwrap_or_default(),
-            block.device,
-            block.removable,
-            anonymous,
-            chain,
-        );
-        disks.insert(disk.id.clone(), disk);
+        if let Some(disk) = LiveDisk::of_block(block.qdev, block.device, block.removable, chain) {
+            disks.insert(disk.id.clone(), disk);
+        }
     }
     LiveGraph {
         node_names,
