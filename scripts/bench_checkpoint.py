@@ -51,6 +51,8 @@ import subprocess
 import sys
 import time
 
+from benchlib import Qmp
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 QMP_SPAN = re.compile(r'qmp\{command="([^"]+)" id=(\d+)\}: (ok|failed) latency_us=(\d+)')
 POLL = 0.002
@@ -66,49 +68,6 @@ def ms(ns):
 
 def log(*args):
     print("bench-checkpoint:", *args, file=sys.stderr, flush=True)
-
-
-class Qmp:
-    """A minimal synchronous QMP client: one command at a time, events kept."""
-
-    def __init__(self, path, timeout=60):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.buf = b""
-        self.events = []
-        greeting = self._read()
-        if "QMP" not in greeting:
-            raise RuntimeError(f"not a QMP greeting: {greeting}")
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("QMP socket closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name, args=None, check=True):
-        msg = {"execute": name}
-        if args is not None:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if "error" in reply:
-                if check:
-                    raise RuntimeError(f"{name}: {reply['error'].get('desc')}")
-                return reply
-            return reply.get("return")
-
-    def close(self):
-        self.sock.close()
 
 
 class Qga:

@@ -90,11 +90,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
+
+import benchlib
 
 SIZE = 1 << 30
 VM = "peer"
@@ -178,49 +179,11 @@ class Snapctl:
         return text
 
 
-class Qmp:
-    """A minimal synchronous QMP client: one command at a time, events kept."""
+class Qmp(benchlib.Qmp):
+    """The shared QMP client, with what this script does through it."""
 
     def __init__(self, path, timeout=120):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.buf = b""
-        self.events = []
-        if "QMP" not in self._read():
-            raise RuntimeError("not a QMP greeting")
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("QMP socket closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name, args=None):
-        msg = {"execute": name}
-        if args is not None:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if "error" in reply:
-                raise RuntimeError(f"{name}: {reply['error'].get('desc')}")
-            return reply.get("return")
-
-    def wait_event(self, pred):
-        while True:
-            for i, e in enumerate(self.events):
-                if pred(e):
-                    del self.events[: i + 1]
-                    return e
-            self.events.append(self._read())
+        super().__init__(path, timeout)
 
     def hmp(self, line):
         out = self.cmd("human-monitor-command", {"command-line": line})
@@ -243,9 +206,6 @@ class Qmp:
             if b.get("qdev") == DEVICE and b.get("inserted"):
                 return b["inserted"]["node-name"], b["inserted"]["image"]["filename"]
         die("query-block: no vda")
-
-    def close(self):
-        self.sock.close()
 
 
 def qemu_argv(layers, d):
