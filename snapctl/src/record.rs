@@ -362,10 +362,6 @@ impl SnapshotDisks {
         self.position(disk).ok().map(|i| self.0.remove(i).1)
     }
 
-    pub fn retain(&mut self, mut keep: impl FnMut(&String, &mut SnapshotDisk) -> bool) {
-        self.0.retain_mut(|(d, e)| keep(d, e));
-    }
-
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -379,10 +375,6 @@ impl SnapshotDisks {
         &self,
     ) -> impl DoubleEndedIterator<Item = (&String, &SnapshotDisk)> + ExactSizeIterator {
         self.0.iter().map(|(d, e)| (d, e))
-    }
-
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&String, &mut SnapshotDisk)> {
-        self.0.iter_mut().map(|(d, e)| (&*d, e))
     }
 
     pub fn keys(&self) -> impl DoubleEndedIterator<Item = &String> + ExactSizeIterator {
